@@ -1,0 +1,64 @@
+# The two commands of the README: `make demo` (set up from nothing, run the main job) and
+# `make test` (the whole test suite). Both install what they need themselves.
+SHELL := /bin/bash
+PY := .venv/bin/python
+CHECKOV := .venv-checkov/bin/checkov
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 1
+export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
+export AWS_EC2_METADATA_DISABLED := true
+
+.PHONY: setup demo test lint typecheck pytest synth policy chaos benchmark clean
+
+setup: .venv/.stamp .venv-checkov/.stamp node_modules/.stamp .system.stamp
+
+# Debian packages: real etcd for the tests, etcdctl, shellcheck for the AMI component scripts.
+.system.stamp:
+	@if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v shellcheck >/dev/null; then \
+	  echo "==> installing etcd-server, etcd-client, shellcheck (apt)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends etcd-server etcd-client shellcheck >/dev/null; \
+	  $$SUDO systemctl disable --now etcd >/dev/null 2>&1 || true; \
+	fi
+	@touch $@
+
+.venv/.stamp: requirements.txt
+	@echo "==> python venv (.venv) from requirements.txt"
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+# checkov pins an older boto3 than the project, so it lives in its own venv.
+.venv-checkov/.stamp: requirements-checkov.txt
+	@echo "==> checkov venv (.venv-checkov) from requirements-checkov.txt"
+	@test -x .venv-checkov/bin/python || python3 -m venv .venv-checkov
+	@.venv-checkov/bin/python -m pip install -q --disable-pip-version-check -r requirements-checkov.txt
+	@touch $@
+
+node_modules/.stamp: package.json package-lock.json
+	@echo "==> CDK CLI (npm ci)"
+	@npm ci --no-fund --no-audit --loglevel=error
+	@touch $@
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: setup
+	$(PY) -m mypy .
+
+pytest: setup
+	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+test: lint typecheck pytest
+
+synth: setup
+	@$(PY) -m scripts.synth_and_check --synth-only
+
+policy: setup
+	@$(PY) -m scripts.synth_and_check
+
+demo: setup
+	@$(PY) -m scripts.synth_and_check
+
+clean:
+	rm -rf cdk.out build reports .pytest_cache .mypy_cache .ruff_cache

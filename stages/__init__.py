@@ -1,0 +1,1 @@
+"""CDK stacks, their constructs and the typed cluster configuration."""
