@@ -1,0 +1,209 @@
+"""The agent's configuration: ``/etc/dedicated-k8s/agent.json`` parsed once into a frozen, validated object.
+
+User data writes the file (keys are the contract in docs/TEAM.md). Every problem names the key, so a bad
+launch says exactly what to fix. Run-time identity (instance ID, IP, group) is not here: it comes from
+IMDSv2 (:mod:`node_agent.instance`). Timings and paths the tests and the twin change live in
+:class:`AgentSettings`, not in the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/dedicated-k8s/agent.json")
+
+ROLES = ("control-plane", "worker")
+_CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9-]{1,22}[a-z0-9]$")
+_K8S_VERSION = re.compile(r"^1\.\d{2}\.\d{1,3}$")
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}$")
+
+# Keys every node needs, and keys only a control-plane node uses (a worker may omit them).
+COMMON_KEYS = (
+    "clusterName",
+    "role",
+    "region",
+    "kubernetesVersion",
+    "apiEndpoint",
+    "apiPort",
+    "clusterStateTable",
+    "joinSecretName",
+    "launchHookName",
+    "podCidr",
+    "serviceCidr",
+)
+CONTROL_PLANE_KEYS = (
+    "snapshotBucket",
+    "kmsKeyId",
+    "pkiSecretName",
+    "etcdClientSecretName",
+    "snapshotIntervalMinutes",
+    "snapshotRetentionDays",
+)
+
+
+class AgentConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid; each problem names its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("Invalid node agent configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    cluster_name: str
+    role: str
+    region: str
+    kubernetes_version: str
+    api_endpoint: str
+    api_port: int
+    cluster_state_table: str
+    join_secret_name: str
+    launch_hook_name: str
+    pod_cidr: str
+    service_cidr: str
+    snapshot_bucket: str = ""
+    kms_key_id: str = ""
+    pki_secret_name: str = ""
+    etcd_client_secret_name: str = ""
+    snapshot_interval_minutes: int = 30
+    snapshot_retention_days: int = 7
+
+    @property
+    def is_control_plane(self) -> bool:
+        return self.role == "control-plane"
+
+    @property
+    def control_plane_endpoint(self) -> str:
+        return f"{self.api_endpoint}:{self.api_port}"
+
+    @classmethod
+    def load(cls, path: Path | str = DEFAULT_CONFIG_PATH) -> AgentConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise AgentConfigError([f"config file {path}: cannot be read ({err.strerror or err})"]) from err
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AgentConfigError([f"config file {path}: not valid JSON ({err.msg} at line {err.lineno})"]) from err
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Any) -> AgentConfig:
+        if not isinstance(values, dict):
+            raise AgentConfigError(["config: the top level must be a JSON object"])
+        p = _Parser(values)
+        role = p.choice("role", ROLES)
+        is_cp = role == "control-plane"
+        parsed: dict[str, Any] = {
+            "cluster_name": p.string("clusterName", pattern=_CLUSTER_NAME, what="a cluster name like 'prod-1'"),
+            "role": role,
+            "region": p.string("region", pattern=_REGION, what="an AWS region like 'eu-west-1'"),
+            "kubernetes_version": p.string("kubernetesVersion", pattern=_K8S_VERSION, what="a version like '1.34.2'"),
+            "api_endpoint": p.string("apiEndpoint", pattern=_DNS_NAME, what="a DNS name (the NLB)"),
+            "api_port": p.integer("apiPort", 1, 65535),
+            "cluster_state_table": p.string("clusterStateTable"),
+            "join_secret_name": p.string("joinSecretName"),
+            "launch_hook_name": p.string("launchHookName"),
+            "pod_cidr": p.cidr("podCidr"),
+            "service_cidr": p.cidr("serviceCidr"),
+        }
+        if is_cp:
+            parsed |= {
+                "snapshot_bucket": p.string("snapshotBucket"),
+                "kms_key_id": p.string("kmsKeyId"),
+                "pki_secret_name": p.string("pkiSecretName"),
+                "etcd_client_secret_name": p.string("etcdClientSecretName"),
+                "snapshot_interval_minutes": p.integer("snapshotIntervalMinutes", 5, 1440),
+                "snapshot_retention_days": p.integer("snapshotRetentionDays", 1, 3650),
+            }
+        if p.problems:
+            raise AgentConfigError(p.problems)
+        return cls(**parsed)
+
+
+class _Parser:
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+        self.problems: list[str] = []
+
+    def _get(self, key: str) -> Any:
+        if key not in self.values or self.values[key] is None:
+            self.problems.append(f"'{key}': missing (required)")
+            return None
+        return self.values[key]
+
+    def _bad(self, key: str, value: Any, allowed: str) -> None:
+        self.problems.append(f"'{key}' = {json.dumps(value, default=str)}: must be {allowed}")
+
+    def string(self, key: str, pattern: re.Pattern[str] | None = None, what: str = "a non-empty string") -> str:
+        value = self._get(key)
+        if value is None:
+            return ""
+        if not isinstance(value, str) or not value.strip():
+            self._bad(key, value, "a non-empty string")
+            return ""
+        if pattern is not None and not pattern.match(value):
+            self._bad(key, value, what)
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        value = self._get(key)
+        if value is None:
+            return ""
+        if value not in allowed:
+            self._bad(key, value, "one of " + ", ".join(allowed))
+            return ""
+        return str(value)
+
+    def integer(self, key: str, minimum: int, maximum: int) -> int:
+        value = self._get(key)
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            self._bad(key, value, f"a whole number between {minimum} and {maximum}")
+            return 0
+        return value
+
+    def cidr(self, key: str) -> str:
+        value = self.string(key)
+        if value:
+            try:
+                ipaddress.ip_network(value, strict=True)
+            except ValueError:
+                self._bad(key, value, "a network in CIDR notation like '10.244.0.0/16'")
+        return value
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Paths and timings with production defaults; tests and the local twin shrink them."""
+
+    kubernetes_dir: Path = Path("/etc/kubernetes")
+    state_dir: Path = Path("/var/lib/dedicated-k8s")
+    etcd_data_dir: Path = Path("/var/lib/etcd")
+    etcd_client_port: int = 2379
+    etcd_peer_port: int = 2380
+    # Bootstrap lock: the holder renews every renew_interval; others may take over after the lease.
+    lease_seconds: float = 60.0
+    renew_interval_seconds: float = 15.0
+    poll_interval_seconds: float = 5.0
+    # How long a node may wait/try before it abandons its launch (the launch hook timeout is longer).
+    join_deadline_seconds: float = 1500.0
+    health_timeout_seconds: float = 600.0
+    # Snapshots: always keep this many newest objects, whatever their age.
+    snapshot_keep_newest: int = 3
+    bootstrap_token_ttl: str = "24h"  # noqa: S105 (a duration, not a secret)
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.kubernetes_dir / "pki"

@@ -1,0 +1,83 @@
+"""Fixtures for the node agent tests: moto in-process AWS and a valid agent configuration."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from node_agent.config import AgentConfig
+
+REGION = "eu-west-1"
+
+
+def config_values(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "clusterName": "demo",
+        "role": "control-plane",
+        "region": REGION,
+        "kubernetesVersion": "1.34.2",
+        "apiEndpoint": "dk8s-demo-api-0123456789.elb.eu-west-1.amazonaws.com",
+        "apiPort": 6443,
+        "clusterStateTable": "dk8s-demo-cluster-state",
+        "snapshotBucket": "dk8s-demo-etcd-snapshots-123456789012-eu-west-1",
+        "kmsKeyId": "arn:aws:kms:eu-west-1:123456789012:key/11111111-2222-3333-4444-555555555555",
+        "pkiSecretName": "dedicated-k8s/demo/pki",
+        "etcdClientSecretName": "dedicated-k8s/demo/etcd-client",
+        "joinSecretName": "dedicated-k8s/demo/worker-join",
+        "snapshotIntervalMinutes": 30,
+        "snapshotRetentionDays": 7,
+        "launchHookName": "dk8s-demo-launch",
+        "podCidr": "10.244.0.0/16",
+        "serviceCidr": "10.96.0.0/12",
+    }
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture
+def agent_config() -> AgentConfig:
+    return AgentConfig.from_mapping(config_values())
+
+
+@pytest.fixture
+def aws() -> Iterator[dict[str, Any]]:
+    """moto with the cluster-state table, the snapshot bucket and a KMS key; yields boto3 clients."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with mock_aws():
+            ddb = boto3.client("dynamodb", region_name=REGION)
+            ddb.create_table(
+                TableName="dk8s-demo-cluster-state",
+                KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+            s3 = boto3.client("s3", region_name=REGION)
+            s3.create_bucket(
+                Bucket="dk8s-demo-etcd-snapshots-123456789012-eu-west-1",
+                CreateBucketConfiguration={"LocationConstraint": REGION},
+            )
+            kms = boto3.client("kms", region_name=REGION)
+            key_id = kms.create_key()["KeyMetadata"]["Arn"]
+            yield {
+                "dynamodb": ddb,
+                "s3": s3,
+                "kms": kms,
+                "kms_key_id": key_id,
+                "secretsmanager": boto3.client("secretsmanager", region_name=REGION),
+                "ec2": boto3.client("ec2", region_name=REGION),
+                "autoscaling": boto3.client("autoscaling", region_name=REGION),
+            }
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
