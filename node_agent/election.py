@@ -95,6 +95,7 @@ class ClusterState:
     last_membership: tuple[MemberRecord, ...] = field(default=())
     initialised_at: str = ""
     attempt: Attempt | None = None
+    membership_rev: int = 0
 
     def lease_held_by_other(self, me: str, now: float) -> bool:
         return self.holder is not None and self.holder != me and self.lease_expires_at >= now
@@ -130,10 +131,11 @@ def parse_item(item: dict[str, Any] | None) -> ClusterState:
         last_membership=members,
         initialised_at=item.get("initialised_at", {}).get("S", ""),
         attempt=Attempt.from_item(item.get("attempt")),
+        membership_rev=int(item.get("membership_rev", {}).get("N", "0")),
     )
 
 
-_NAMES = {"#s": "state", "#g": "generation", "#h": "holder", "#l": "lease_expires_at"}
+_NAMES = {"#s": "state", "#g": "generation", "#h": "holder", "#l": "lease_expires_at", "#r": "membership_rev"}
 _KNOWN = {f":k{i}": {"S": p.value} for i, p in enumerate(Phase)}
 _KNOWN_COND = "#s IN (" + ", ".join(_KNOWN) + ")"
 
@@ -238,15 +240,22 @@ class ClusterStateStore:
             },
         )
 
-    def update_membership(self, generation: int, membership: list[MemberRecord]) -> bool:
-        """Record the membership after a join/removal; only for the generation it was observed in."""
+    def update_membership(self, generation: int, membership: list[MemberRecord], expected_rev: int) -> bool:
+        """Record the membership after a join/removal; only for the generation it was observed in.
+
+        Optimistic concurrency: the write succeeds only if nobody wrote since ``expected_rev`` was read,
+        so a writer whose etcd view is older can never overwrite a newer one (read rev, then etcd, then write).
+        """
+        rev_cond = "(attribute_not_exists(#r) OR #r = :r)" if expected_rev == 0 else "#r = :r"
         return self._update(
-            "SET last_membership = :m",
-            "#s = :d AND #g = :g",
+            "SET last_membership = :m, #r = :r1",
+            f"#s = :d AND #g = :g AND {rev_cond}",
             {
                 ":d": {"S": Phase.INITIALISED.value},
                 ":g": {"N": str(generation)},
                 ":m": {"L": [m.to_item() for m in membership]},
+                ":r": {"N": str(expected_rev)},
+                ":r1": {"N": str(expected_rev + 1)},
             },
         )
 

@@ -163,8 +163,11 @@ class Kubeadm:
     def _run(self, argv: list[str], timeout: float = 900) -> CommandResult:
         return self.runner.run(argv, timeout=timeout).check()
 
-    def init(self, config_path: Path) -> CommandResult:
-        return self._run(["kubeadm", "init", "--config", str(config_path), "--skip-token-print"])
+    def init(self, config_path: Path, ignore_preflight_errors: tuple[str, ...] = ()) -> CommandResult:
+        argv = ["kubeadm", "init", "--config", str(config_path), "--skip-token-print"]
+        if ignore_preflight_errors:
+            argv += ["--ignore-preflight-errors", ",".join(ignore_preflight_errors)]
+        return self._run(argv)
 
     def join(self, config_path: Path) -> CommandResult:
         return self._run(["kubeadm", "join", "--config", str(config_path)])

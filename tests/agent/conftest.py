@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,32 @@ from moto import mock_aws
 from node_agent.config import AgentConfig
 
 REGION = "eu-west-1"
+
+
+class Serialized:
+    """A boto3 client whose calls run one at a time.
+
+    Real DynamoDB applies each conditional write atomically; moto's in-process backend checks the
+    condition and writes without a lock, so two threads can both "win". Serializing calls restores the
+    per-item atomicity the election relies on (measured: without this, 1 in ~10 runs of 8 contending
+    threads had two winners in moto).
+    """
+
+    _lock = threading.RLock()
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with Serialized._lock:
+                return attr(*args, **kwargs)
+
+        return call
 
 
 def config_values(**overrides: Any) -> dict[str, Any]:
@@ -67,11 +94,11 @@ def aws() -> Iterator[dict[str, Any]]:
             kms = boto3.client("kms", region_name=REGION)
             key_id = kms.create_key()["KeyMetadata"]["Arn"]
             yield {
-                "dynamodb": ddb,
+                "dynamodb": Serialized(ddb),
                 "s3": s3,
                 "kms": kms,
                 "kms_key_id": key_id,
-                "secretsmanager": boto3.client("secretsmanager", region_name=REGION),
+                "secretsmanager": Serialized(boto3.client("secretsmanager", region_name=REGION)),
                 "ec2": boto3.client("ec2", region_name=REGION),
                 "autoscaling": boto3.client("autoscaling", region_name=REGION),
             }

@@ -121,9 +121,12 @@ def test_membership_updates_are_fenced_by_generation(aws: dict[str, Any]) -> Non
     store.begin("i-a", Phase.INITIALISING, _attempt("i-a"), store.read())
     store.complete("i-a", Phase.INITIALISING, 3, [])
     new = [MemberRecord(instance_id="i-b", peer_url="https://10.0.0.2:2380", member_id="2")]
-    assert not store.update_membership(2, new)
-    assert store.update_membership(3, new)
+    assert not store.update_membership(2, new, 0)
+    assert store.update_membership(3, new, 0)
     assert store.read().last_membership == tuple(new)
+    assert not store.update_membership(3, [], 0), "a writer with an older view cannot overwrite a newer one"
+    assert store.update_membership(3, [], 1)
+    assert store.read().membership_rev == 2
 
 
 def test_an_unknown_state_is_a_clear_error_and_cannot_be_locked(aws: dict[str, Any]) -> None:

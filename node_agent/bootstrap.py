@@ -1,0 +1,406 @@
+"""The launch of one node: initialise, join or restore, then complete the launch hook (invariants 2, 3, 5, 7).
+
+Safe to run at any moment on any node, any number of times: every decision comes from the cluster-state
+item, from etcd and from EC2, never from local memory (the kOps etcd-manager rule).
+
+Control-plane launch, one loop, each pass reads the world and takes at most one risky step:
+
+* ``initialised`` -> if I am already a ready member (agent restart): done. If disaster recovery is
+  proven needed (:func:`~node_agent.recovery.disaster_recovery_needed`): restore under the lock. Else
+  join: wait until no other membership change is in flight, remove a stale member carrying my peer URL,
+  ``kubeadm join`` (etcd learner, promoted when caught up), wait until my member is a healthy voter and
+  the API server answers, record the membership.
+* ``uninitialised`` -> take the lock, record the attempt (my client URL), ``kubeadm init``, store PKI,
+  the Lambda's etcd client certificate and the worker join token, write ``initialised`` + generation.
+* lock held by another live lease -> wait and read again.
+
+**Takeover rule** (state ``initialising``/``restoring`` left by another holder whose lease expired):
+
+1. Something listens at the recorded client URL and all three secrets exist -> the holder died after
+   storing everything but before writing ``initialised``: adopt its cluster (record ``initialised`` with
+   the membership that etcd reports) and join it.
+2. Something listens but the secrets are incomplete -> an etcd we cannot join and must not duplicate:
+   release the lock and wait (its own agent resumes after a restart; if its launch hook abandons,
+   the instance terminates and rule 3 applies).
+3. Nothing listens and EC2 proves the holder's instance gone -> clean the half state: begin again
+   under my own attempt (the secrets it may have left are overwritten; no node could have joined it,
+   because joiners wait for ``initialised``).
+4. Nothing listens but the holder's instance still runs -> wait (it may be rebooting).
+
+My own earlier attempt (the agent restarted mid-init) -> ``kubeadm reset --force`` and begin again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from node_agent.config import AgentConfig, AgentSettings
+from node_agent.election import Attempt, ClusterState, ClusterStateStore, LeaseRenewer, MemberRecord, Phase
+from node_agent.errors import AgentError, LeaseLostError
+from node_agent.etcd import EtcdAccess, EtcdTls, Member, client_url_for, listening
+from node_agent.instance import InstanceIdentity
+from node_agent.kubeadm import Kubeadm, generate_bootstrap_token, init_configuration_yaml, join_configuration_yaml
+from node_agent.lifecycle import LaunchHook
+from node_agent.log import Metrics, get_logger, log
+from node_agent.recovery import GONE, describe_instance_states, disaster_recovery_needed
+from node_agent.runner import CommandRunner
+from node_agent.secrets import JoinSecret, SecretStore, place_pki_on_disk, read_pki_from_disk
+from node_agent.snapshots import Etcdctl, Snapshots
+
+LOG = get_logger("bootstrap")
+ETCD_CLIENT_CN = "dedicated-k8s-etcd-lifecycle"
+
+
+@dataclass(frozen=True)
+class LaunchOutcome:
+    ok: bool
+    action: str  # initialised | joined | restored | already-member | adopted+joined | worker-joined | abandoned
+    reason: str = ""
+
+
+@dataclass
+class Agent:
+    config: AgentConfig
+    settings: AgentSettings
+    identity: InstanceIdentity
+    runner: CommandRunner
+    store: ClusterStateStore
+    secrets: SecretStore
+    hook: LaunchHook
+    etcd_for: Callable[[EtcdTls], EtcdAccess]
+    ec2: Any
+    s3: Any = None
+    metrics: Metrics | None = None
+    probe: Callable[[str], bool] = listening
+    sleep: Callable[[float], None] = time.sleep
+    monotonic: Callable[[], float] = time.monotonic
+    _deadline: float = field(default=0.0, init=False)
+
+    # -- identity ----------------------------------------------------------------------------------
+    @property
+    def me(self) -> str:
+        return self.identity.instance_id
+
+    @property
+    def node_name(self) -> str:
+        return self.identity.node_name
+
+    @property
+    def peer_url(self) -> str:
+        return f"https://{self.identity.private_ip}:{self.settings.etcd_peer_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"https://{self.identity.private_ip}:{self.settings.etcd_client_port}"
+
+    @property
+    def kubeadm(self) -> Kubeadm:
+        return Kubeadm(self.runner, self.settings)
+
+    @property
+    def lambda_client_tls(self) -> EtcdTls:
+        d = self.settings.state_dir / "etcd-client"
+        return EtcdTls(d / "ca.crt", d / "client.crt", d / "client.key")
+
+    # -- entry point --------------------------------------------------------------------------------
+    def run_launch(self) -> LaunchOutcome:
+        """Bootstrap this node, then CONTINUE the launch hook; on any failure ABANDON with the reason."""
+        self._deadline = self.monotonic() + self.settings.join_deadline_seconds
+        try:
+            action = self._launch_control_plane() if self.config.is_control_plane else self._launch_worker()
+        except Exception as err:  # every failure ends the launch the same way: ABANDON, reason logged
+            reason = f"{type(err).__name__}: {err}"
+            log(LOG, 40, "launch failed; abandoning", instance_id=self.me, role=self.config.role, reason=reason)
+            self._metric("LaunchAbandoned")
+            self.hook.complete("ABANDON", reason)
+            return LaunchOutcome(False, "abandoned", reason)
+        log(LOG, 20, "launch complete", instance_id=self.me, role=self.config.role, action=action)
+        self._metric("LaunchCompleted")
+        self.hook.complete("CONTINUE", action)
+        return LaunchOutcome(True, action)
+
+    def _metric(self, name: str, value: float = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.put(name, value, Role=self.config.role)
+
+    def _time_left(self) -> float:
+        return self._deadline - self.monotonic()
+
+    def _wait(self, what: str, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+        limit = self.monotonic() + min(timeout or self.settings.health_timeout_seconds, max(self._time_left(), 0))
+        while True:
+            try:
+                if predicate():
+                    return
+            except AgentError:
+                raise
+            except Exception as err:  # transient (etcd electing, API server starting): keep polling
+                log(LOG, 10, "not yet", what=what, error=str(err))
+            if self.monotonic() >= limit:
+                raise AgentError(f"timed out waiting for {what}")
+            self.sleep(self.settings.poll_interval_seconds)
+
+    # -- worker ---------------------------------------------------------------------------------------
+    def _launch_worker(self) -> str:
+        self._wait("the cluster to be initialised", lambda: self.store.read().phase == Phase.INITIALISED,
+                   timeout=self.settings.join_deadline_seconds)  # fmt: skip
+        join = self.secrets.read_join(self.config.join_secret_name)
+        path = self._write("kubeadm-join.yaml", join_configuration_yaml(
+            self.config, self.identity, join.token, join.ca_cert_hash, control_plane=False))  # fmt: skip
+        self.kubeadm.join(path)
+        self._wait("the kubelet to register the node", lambda: self.kubeadm.node_registered(self.node_name))
+        return "worker-joined"
+
+    # -- control plane ---------------------------------------------------------------------------------
+    def _launch_control_plane(self) -> str:
+        state = self.store.read()  # an unknown state raises here, before anything is written
+        if state.phase == Phase.UNINITIALISED and state.holder is None and state.generation == 0:
+            self.store.ensure_item()
+        while True:
+            state = self.store.read()
+            if state.phase == Phase.INITIALISED:
+                if self._already_ready_member(state):
+                    return "already-member"
+                if self._dr_needed(state):
+                    done = self._under_lock(state, self._restore)
+                    if done:
+                        return done
+                else:
+                    return self._join_control_plane(state)
+            elif state.lease_held_by_other(self.me, time.time()):
+                log(LOG, 10, "another node holds the bootstrap lock", holder=state.holder, phase=state.phase.value)
+            elif state.phase in (Phase.UNINITIALISED, Phase.INITIALISING):
+                done = self._under_lock(state, self._initialise)
+                if done:
+                    return done
+            elif state.phase == Phase.RESTORING:
+                done = self._under_lock(state, self._restore)
+                if done:
+                    return done
+            if self._time_left() <= 0:
+                raise AgentError(
+                    f"gave up after {self.settings.join_deadline_seconds:.0f}s: cluster state {state.phase}"
+                )
+            self.sleep(self.settings.poll_interval_seconds)
+
+    def _under_lock(self, seen: ClusterState, step: Callable[[ClusterState, LeaseRenewer], str | None]) -> str | None:
+        """Run ``step`` while holding the renewed lock; None means "not now, read the world again"."""
+        if not self.store.try_acquire(self.me, self.settings.lease_seconds):
+            return None
+        renewer = LeaseRenewer(self.store, self.me, self.settings.lease_seconds, self.settings.renew_interval_seconds)
+        try:
+            with renewer:
+                state = self.store.read()
+                if state.phase != seen.phase or state.generation != seen.generation:
+                    return None  # the world moved between my read and my lock: look again
+                return step(state, renewer)
+        finally:
+            self.store.release(self.me)
+
+    # -- takeover of a half-done init/restore ----------------------------------------------------------
+    def _takeover_decision(self, attempt: Attempt) -> str:
+        """``mine`` | ``adopt`` | ``wait`` | ``clean`` (see the module docstring)."""
+        if attempt.holder == self.me:
+            return "mine"
+        if self.probe(attempt.client_url):
+            names = (self.config.pki_secret_name, self.config.etcd_client_secret_name, self.config.join_secret_name)
+            if attempt.phase == Phase.INITIALISING.value and all(self.secrets.exists_with_value(n) for n in names):
+                return "adopt"
+            return "wait"
+        holder_state = describe_instance_states(self.ec2, [attempt.instance_id]).get(attempt.instance_id)
+        return "clean" if holder_state in GONE else "wait"
+
+    def _attempt(self, phase: Phase) -> Attempt:
+        started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return Attempt(holder=self.me, instance_id=self.me, client_url=self.client_url, phase=phase.value,
+                       started_at=started)  # fmt: skip
+
+    def _begin(self, state: ClusterState, phase: Phase) -> str | None:
+        """Record my attempt; returns None to proceed, or an action word if there is nothing to do now."""
+        if state.attempt is not None and state.phase == phase:
+            decision = self._takeover_decision(state.attempt)
+            log(LOG, 30, "half-finished attempt found", previous=state.attempt.holder, decision=decision)
+            if decision == "wait":
+                return "wait"
+            if decision == "adopt":
+                return self._adopt(state)
+            if decision == "mine":
+                self.kubeadm.reset()
+        self.store.begin(self.me, phase, self._attempt(phase), state)
+        return None
+
+    def _adopt(self, state: ClusterState) -> str:
+        assert state.attempt is not None
+        self._load_lambda_client_tls()
+        members = self.etcd_for(self.lambda_client_tls).members([state.attempt.client_url])
+        if not self.store.complete(self.me, Phase.INITIALISING, state.generation + 1, self._records(members)):
+            raise LeaseLostError("could not record the adopted cluster as initialised")
+        log(LOG, 30, "adopted the cluster a dead initialiser left", previous=state.attempt.holder)
+        return "adopted"
+
+    # -- initialise -----------------------------------------------------------------------------------
+    def _initialise(self, state: ClusterState, renewer: LeaseRenewer) -> str | None:
+        if state.phase not in (Phase.UNINITIALISED, Phase.INITIALISING):
+            return None
+        early = self._begin(state, Phase.INITIALISING)
+        if early is not None:
+            return None  # "wait": look again; "adopted": the next pass sees initialised and joins
+        generation = state.generation + 1
+        token = generate_bootstrap_token()
+        init_path = self._write(
+            "kubeadm-init.yaml", init_configuration_yaml(self.config, self.identity, self.settings, token)
+        )
+        renewer.check()
+        log(LOG, 20, "initialising the cluster", generation=generation, node=self.node_name)
+        self.kubeadm.init(init_path)
+        own_tls = EtcdTls.kubeadm_apiserver_client(self.settings.pki_dir)
+        self._wait_ready(own_tls, [self.client_url])
+        renewer.check()
+        self.secrets.write_json(self.config.pki_secret_name, read_pki_from_disk(self.settings.pki_dir))
+        self._create_lambda_client_secret()
+        self._write_join_secret(token)
+        members = self.etcd_for(own_tls).members([self.client_url])
+        renewer.check()
+        if not self.store.complete(self.me, Phase.INITIALISING, generation, self._records(members)):
+            raise LeaseLostError("could not record initialised: the lock or the state changed under me")
+        self._metric("ClusterInitialised")
+        return "initialised"
+
+    def _create_lambda_client_secret(self) -> None:
+        cert, key = self.kubeadm.create_etcd_client_cert(self.settings.state_dir / "issue", ETCD_CLIENT_CN)
+        ca = (self.settings.pki_dir / "etcd" / "ca.crt").read_text()
+        self.secrets.write_json(self.config.etcd_client_secret_name, {"ca": ca, "cert": cert, "key": key})
+
+    def _write_join_secret(self, token: str) -> JoinSecret:
+        expires = datetime.now(UTC) + timedelta(hours=24)
+        secret = JoinSecret(token, self.kubeadm.ca_cert_hash(), expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            self.config.control_plane_endpoint)  # fmt: skip
+        self.secrets.write_join(self.config.join_secret_name, secret)
+        return secret
+
+    # -- join ----------------------------------------------------------------------------------------
+    def _endpoints(self, state: ClusterState) -> list[str]:
+        port = self.settings.etcd_client_port
+        return [m.client_url or client_url_for(m.peer_url, port) for m in state.last_membership]
+
+    def _load_lambda_client_tls(self) -> None:
+        value = self.secrets.read_json(self.config.etcd_client_secret_name, ("ca", "cert", "key"))
+        tls = self.lambda_client_tls
+        tls.ca.parent.mkdir(parents=True, exist_ok=True)
+        for path, pem in ((tls.ca, value["ca"]), (tls.cert, value["cert"]), (tls.key, value["key"])):
+            path.write_text(pem)
+            path.chmod(0o600)
+
+    def _already_ready_member(self, state: ClusterState) -> bool:
+        tls = self.lambda_client_tls
+        if not tls.cert.exists() or not any(m.instance_id == self.me for m in state.last_membership):
+            return False
+        try:
+            return self.etcd_for(tls).member_ready([self.client_url], self.node_name)
+        except Exception:
+            return False
+
+    def _join_control_plane(self, state: ClusterState) -> str:
+        pki = self.secrets.read_pki(self.config.pki_secret_name)
+        join = self.secrets.read_join(self.config.join_secret_name)
+        self._load_lambda_client_tls()
+        etcd = self.etcd_for(self.lambda_client_tls)
+        endpoints = self._endpoints(state)
+        place_pki_on_disk(pki, self.settings.pki_dir)
+        self._wait("no other etcd membership change in flight",
+                   lambda: not etcd.membership_change_in_progress(endpoints))  # fmt: skip
+        removed = etcd.remove_stale_member(endpoints, self.peer_url, keep_name=self.node_name)
+        if removed:
+            log(LOG, 30, "removed a stale member with my peer URL", member_id=removed, peer_url=self.peer_url)
+        path = self._write("kubeadm-join.yaml", join_configuration_yaml(
+            self.config, self.identity, join.token, join.ca_cert_hash, control_plane=True))  # fmt: skip
+        self.kubeadm.join(path)
+        self._wait_ready(self.lambda_client_tls, [*endpoints, self.client_url])
+        self._record_membership(state.generation, etcd, [*endpoints, self.client_url])
+        return "joined"
+
+    def _wait_ready(self, tls: EtcdTls, endpoints: Sequence[str]) -> None:
+        etcd = self.etcd_for(tls)
+        self._wait(f"etcd member {self.node_name} started, promoted and healthy",
+                   lambda: etcd.member_ready(endpoints, self.node_name))  # fmt: skip
+        self._wait("the API server to answer /readyz", self.kubeadm.api_server_ready)
+
+    def _record_membership(self, generation: int, etcd: EtcdAccess, endpoints: Sequence[str]) -> None:
+        for _ in range(10):
+            state = self.store.read()  # read the revision first, then etcd, then write (see update_membership)
+            if state.phase != Phase.INITIALISED or state.generation != generation:
+                log(LOG, 30, "membership not recorded: the generation moved on", generation=generation)
+                return
+            records = self._records(etcd.members(endpoints))
+            if self.store.update_membership(generation, records, state.membership_rev):
+                return
+        log(LOG, 30, "membership not recorded after 10 tries (concurrent writers); the reconciler will")
+
+    def _records(self, members: list[Member]) -> list[MemberRecord]:
+        return [
+            MemberRecord(
+                instance_id=m.name.split(".", 1)[0],
+                peer_url=m.peer_urls[0] if m.peer_urls else "",
+                member_id=m.id,
+                name=m.name,
+                client_url=m.client_urls[0] if m.client_urls else "",
+            )
+            for m in members
+            if m.started and not m.is_learner
+        ]
+
+    # -- disaster recovery ---------------------------------------------------------------------------------
+    def _dr_needed(self, state: ClusterState) -> bool:
+        endpoints = self._endpoints(state)
+        reachable = any(self.probe(url) for url in endpoints)
+        states = {} if reachable else describe_instance_states(self.ec2, [m.instance_id for m in state.last_membership])
+        needed = disaster_recovery_needed(state, states, reachable)
+        if not reachable:
+            log(LOG, 30, "no etcd member answers", instance_states=states, disaster_recovery=needed)
+        return needed
+
+    def _restore(self, state: ClusterState, renewer: LeaseRenewer) -> str | None:
+        if state.phase == Phase.INITIALISED and not self._dr_needed(state):
+            return None  # someone restored (or a member came back) between my read and my lock
+        if state.phase not in (Phase.INITIALISED, Phase.RESTORING):
+            return None
+        early = self._begin(state, Phase.RESTORING)
+        if early is not None:
+            return None
+        generation = state.generation + 1
+        log(LOG, 30, "disaster recovery: restoring the latest snapshot", generation=generation)
+        place_pki_on_disk(self.secrets.read_pki(self.config.pki_secret_name), self.settings.pki_dir)
+        self._load_lambda_client_tls()
+        etcdctl = Etcdctl(self.runner, self.lambda_client_tls, self.client_url)
+        snapshots = Snapshots(self.config, self.settings, self.s3, etcdctl)
+        path, obj, status = snapshots.download_latest_good(self.settings.state_dir / "restore")
+        renewer.check()
+        etcdctl.snapshot_restore(path, self.settings.etcd_data_dir, self.node_name, self.peer_url,
+                                 cluster_token=f"{self.config.cluster_name}-g{generation}")  # fmt: skip
+        token = generate_bootstrap_token()
+        init_path = self._write(
+            "kubeadm-init.yaml", init_configuration_yaml(self.config, self.identity, self.settings, token)
+        )
+        self.kubeadm.init(init_path, ignore_preflight_errors=("DirAvailable--var-lib-etcd",))
+        self._wait_ready(self.lambda_client_tls, [self.client_url])
+        self._write_join_secret(token)
+        members = self.etcd_for(self.lambda_client_tls).members([self.client_url])
+        renewer.check()
+        if not self.store.complete(self.me, Phase.RESTORING, generation, self._records(members)):
+            raise LeaseLostError("could not record the restore: the lock or the state changed under me")
+        log(LOG, 30, "restored", snapshot=obj.key, revision=status.revision, total_key=status.total_key)
+        self._metric("DisasterRecoveryRestored")
+        return "restored"
+
+    # -- files --------------------------------------------------------------------------------------
+    def _write(self, name: str, text: str) -> Path:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.settings.state_dir / name
+        path.write_text(text)
+        path.chmod(0o600)
+        return path

@@ -1,0 +1,222 @@
+"""etcd snapshots: taken on the leader only, verified, uploaded with SSE-KMS, kept by a retention rule.
+
+Key layout (sorts by time within a cluster): ``snapshots/<cluster>/<generation:06d>/<yyyymmddThhmmssZ>-<revision>.db``.
+The generation is zero-padded so that lexical order is time order across restores too.
+
+etcdctl saves (a client call); status and restore are offline file operations, which etcd 3.5+ moved
+to ``etcdutl`` (the AMI ships etcd 3.6). The binary name is a parameter: the test runner maps it to
+Debian's etcdctl 3.4, which still has both subcommands with the same flags.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar
+
+from node_agent.config import AgentConfig, AgentSettings
+from node_agent.errors import AgentError
+from node_agent.etcd import EtcdTls
+from node_agent.log import get_logger, log
+from node_agent.runner import CommandRunner
+
+LOG = get_logger("snapshots")
+_KEY = re.compile(r"^snapshots/(?P<cluster>[^/]+)/(?P<gen>\d+)/(?P<ts>\d{8}T\d{6}Z)-(?P<rev>\d+)\.db$")
+TS_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+class SnapshotError(AgentError):
+    pass
+
+
+@dataclass(frozen=True)
+class SnapshotStatus:
+    hash: int
+    revision: int
+    total_key: int
+    total_size: int
+
+
+@dataclass(frozen=True)
+class SnapshotObject:
+    key: str
+    generation: int
+    taken_at: datetime
+    revision: int
+
+    @classmethod
+    def parse(cls, key: str) -> SnapshotObject | None:
+        m = _KEY.match(key)
+        if not m:
+            return None
+        taken = datetime.strptime(m["ts"], TS_FORMAT).replace(tzinfo=UTC)
+        return cls(key=key, generation=int(m["gen"]), taken_at=taken, revision=int(m["rev"]))
+
+
+def snapshot_key(cluster: str, generation: int, taken_at: datetime, revision: int) -> str:
+    return f"snapshots/{cluster}/{generation:06d}/{taken_at.astimezone(UTC).strftime(TS_FORMAT)}-{revision}.db"
+
+
+class Etcdctl:
+    """etcdctl/etcdutl argv lists through the runner (``ETCDCTL_API=3``, TLS flags)."""
+
+    ENV: ClassVar[dict[str, str]] = {"ETCDCTL_API": "3"}
+
+    def __init__(self, runner: CommandRunner, tls: EtcdTls, endpoint: str, etcdutl: str = "etcdutl") -> None:
+        self.runner = runner
+        self.tls = tls
+        self.endpoint = endpoint
+        self.etcdutl = etcdutl
+
+    def _client(self, *args: str) -> list[str]:
+        return [
+            "etcdctl", "--endpoints", self.endpoint,
+            "--cacert", str(self.tls.ca), "--cert", str(self.tls.cert), "--key", str(self.tls.key),
+            *args,
+        ]  # fmt: skip
+
+    def endpoint_status(self) -> dict[str, Any]:
+        result = self.runner.run(self._client("endpoint", "status", "-w", "json"), env=self.ENV, timeout=30).check()
+        try:
+            return dict(json.loads(result.stdout)[0]["Status"])
+        except (ValueError, KeyError, IndexError) as err:
+            raise SnapshotError(f"etcdctl endpoint status gave unexpected output: {result.stdout[:200]}") from err
+
+    def is_leader(self) -> bool:
+        status = self.endpoint_status()
+        return int(status["header"]["member_id"]) == int(status["leader"])
+
+    def snapshot_save(self, path: Path) -> None:
+        self.runner.run(self._client("snapshot", "save", str(path)), env=self.ENV, timeout=600).check()
+
+    def snapshot_status(self, path: Path) -> SnapshotStatus:
+        argv = [self.etcdutl, "snapshot", "status", str(path), "-w", "json"]
+        result = self.runner.run(argv, env=self.ENV, timeout=120).check()
+        try:
+            doc = json.loads(result.stdout)
+            return SnapshotStatus(int(doc["hash"]), int(doc["revision"]), int(doc["totalKey"]), int(doc["totalSize"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise SnapshotError(f"snapshot status of {path} unreadable: {result.stdout[:200]}") from err
+
+    def snapshot_restore(self, path: Path, data_dir: Path, name: str, peer_url: str, cluster_token: str) -> None:
+        argv = [
+            self.etcdutl, "snapshot", "restore", str(path),
+            "--data-dir", str(data_dir),
+            "--name", name,
+            "--initial-cluster", f"{name}={peer_url}",
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster-token", cluster_token,
+        ]  # fmt: skip
+        self.runner.run(argv, env=self.ENV, timeout=600).check()
+
+
+class Snapshots:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        settings: AgentSettings,
+        s3: Any,
+        etcdctl: Etcdctl,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.s3 = s3
+        self.etcdctl = etcdctl
+        self.now = now
+        self.work_dir = settings.state_dir / "snapshots"
+
+    @property
+    def prefix(self) -> str:
+        return f"snapshots/{self.cfg.cluster_name}/"
+
+    # -- taking --------------------------------------------------------------------------------------
+    def take_if_leader(self, generation: int, member_name: str) -> SnapshotObject | None:
+        """One node at a time: only the current etcd leader snapshots. Returns what it uploaded."""
+        if not self.etcdctl.is_leader():
+            log(LOG, 20, "not the etcd leader; no snapshot from this node")
+            return None
+        return self.take(generation, member_name)
+
+    def take(self, generation: int, member_name: str) -> SnapshotObject:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        taken_at = self.now()
+        path = self.work_dir / f"etcd-{taken_at.strftime(TS_FORMAT)}.db"
+        try:
+            self.etcdctl.snapshot_save(path)
+            status = self.etcdctl.snapshot_status(path)
+            if status.total_key <= 0 or status.revision <= 0:
+                raise SnapshotError(f"snapshot looks empty: {status}")
+            key = snapshot_key(self.cfg.cluster_name, generation, taken_at, status.revision)
+            self.s3.upload_file(
+                str(path),
+                self.cfg.snapshot_bucket,
+                key,
+                ExtraArgs={
+                    "ServerSideEncryption": "aws:kms",
+                    "SSEKMSKeyId": self.cfg.kms_key_id,
+                    "Metadata": {
+                        "cluster": self.cfg.cluster_name,
+                        "generation": str(generation),
+                        "revision": str(status.revision),
+                        "hash": str(status.hash),
+                        "total-key": str(status.total_key),
+                        "member": member_name,
+                    },
+                },
+            )
+        finally:
+            path.unlink(missing_ok=True)
+        log(LOG, 20, "snapshot uploaded", key=key, revision=status.revision, total_key=status.total_key)
+        obj = SnapshotObject.parse(key)
+        assert obj is not None
+        return obj
+
+    # -- listing and retention ------------------------------------------------------------------------
+    def list_all(self) -> list[SnapshotObject]:
+        """All snapshots of this cluster, oldest first."""
+        found: list[SnapshotObject] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.cfg.snapshot_bucket, Prefix=self.prefix
+        ):
+            for item in page.get("Contents", []):
+                obj = SnapshotObject.parse(item["Key"])
+                if obj is not None:
+                    found.append(obj)
+        return sorted(found, key=lambda o: (o.taken_at, o.generation, o.revision))
+
+    def enforce_retention(self) -> list[str]:
+        """Delete snapshots older than the retention period, but always keep the newest N."""
+        snapshots = self.list_all()
+        keep = set(o.key for o in snapshots[-self.settings.snapshot_keep_newest :])
+        cutoff = self.now() - timedelta(days=self.cfg.snapshot_retention_days)
+        doomed = [o.key for o in snapshots if o.key not in keep and o.taken_at < cutoff]
+        for key in doomed:
+            self.s3.delete_object(Bucket=self.cfg.snapshot_bucket, Key=key)
+        if doomed:
+            log(LOG, 20, "snapshots expired", deleted=doomed)
+        return doomed
+
+    # -- restoring -----------------------------------------------------------------------------------
+    def download_latest_good(self, dest_dir: Path) -> tuple[Path, SnapshotObject, SnapshotStatus]:
+        """Newest snapshot whose file verifies (status readable, hash as recorded at upload)."""
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        for obj in reversed(self.list_all()):
+            path = dest_dir / Path(obj.key).name
+            try:
+                self.s3.download_file(self.cfg.snapshot_bucket, obj.key, str(path))
+                head = self.s3.head_object(Bucket=self.cfg.snapshot_bucket, Key=obj.key)
+                status = self.etcdctl.snapshot_status(path)
+                recorded = head.get("Metadata", {}).get("hash")
+                if recorded is not None and int(recorded) != status.hash:
+                    raise SnapshotError(f"hash {status.hash} differs from the recorded {recorded}")
+            except Exception as err:
+                log(LOG, 30, "snapshot rejected, trying an older one", key=obj.key, error=str(err))
+                path.unlink(missing_ok=True)
+                continue
+            return path, obj, status
+        raise SnapshotError(f"no good snapshot under s3://{self.cfg.snapshot_bucket}/{self.prefix}")

@@ -1,0 +1,63 @@
+"""Builds agents for tests: identity, fast timings, moto clients, a recorded launch hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from node_agent.bootstrap import Agent
+from node_agent.config import AgentConfig, AgentSettings
+from node_agent.election import ClusterStateStore
+from node_agent.etcd import EtcdAccess, EtcdTls
+from node_agent.instance import InstanceIdentity
+from node_agent.lifecycle import RecordingLaunchHook
+from node_agent.runner import CommandRunner
+from node_agent.secrets import SecretStore
+from tests.agent.conftest import REGION
+
+
+def fast_settings(root: Path, **overrides: Any) -> AgentSettings:
+    base = AgentSettings(
+        kubernetes_dir=root / "etc-kubernetes",
+        state_dir=root / "state",
+        etcd_data_dir=root / "etcd-data",
+        lease_seconds=2.0,
+        renew_interval_seconds=0.3,
+        poll_interval_seconds=0.02,
+        join_deadline_seconds=30.0,
+        health_timeout_seconds=20.0,
+    )
+    return replace(base, **overrides)
+
+
+def identity(n: int, ip: str | None = None) -> InstanceIdentity:
+    return InstanceIdentity(instance_id=f"i-{n:017x}", private_ip=ip or f"10.0.0.{n}", region=REGION)
+
+
+def build_agent(
+    aws: dict[str, Any],
+    cfg: AgentConfig,
+    *,
+    ident: InstanceIdentity,
+    settings: AgentSettings,
+    runner: CommandRunner,
+    etcd_for: Callable[[EtcdTls], EtcdAccess],
+    probe: Callable[[str], bool],
+) -> tuple[Agent, RecordingLaunchHook]:
+    hook = RecordingLaunchHook()
+    agent = Agent(
+        config=cfg,
+        settings=settings,
+        identity=ident,
+        runner=runner,
+        store=ClusterStateStore(aws["dynamodb"], cfg.cluster_state_table),
+        secrets=SecretStore(aws["secretsmanager"], kms_key_id=aws["kms_key_id"]),
+        hook=hook,
+        etcd_for=etcd_for,
+        ec2=aws["ec2"],
+        s3=aws["s3"],
+        probe=probe,
+    )
+    return agent, hook
