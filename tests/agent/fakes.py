@@ -106,7 +106,8 @@ class RecordingRunner:
             self.cluster.add(self.node_name, self.ip)
         elif argv[:2] == ["kubeadm", "join"]:
             self.cluster.joins.append(self.node_name)
-            self.cluster.add(self.node_name, self.ip)
+            if "controlPlane" in Path(argv[argv.index("--config") + 1]).read_text():
+                self.cluster.add(self.node_name, self.ip)
         elif argv[:2] == ["openssl", "req"]:
             Path(argv[argv.index("-keyout") + 1]).write_text(FAKE_PEM)
         elif argv[:3] == ["openssl", "x509", "-req"]:
