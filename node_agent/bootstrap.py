@@ -51,6 +51,7 @@ from node_agent.recovery import GONE, describe_instance_states, disaster_recover
 from node_agent.runner import CommandRunner
 from node_agent.secrets import JoinSecret, SecretStore, place_pki_on_disk, read_pki_from_disk
 from node_agent.snapshots import Etcdctl, Snapshots
+from node_agent.tokens import rotate_join_token
 
 LOG = get_logger("bootstrap")
 ETCD_CLIENT_CN = "dedicated-k8s-etcd-lifecycle"
@@ -396,6 +397,40 @@ class Agent:
         log(LOG, 30, "restored", snapshot=obj.key, revision=status.revision, total_key=status.total_key)
         self._metric("DisasterRecoveryRestored")
         return "restored"
+
+    # -- timers and operator commands ------------------------------------------------------------------
+    def _local_etcdctl(self) -> Etcdctl:
+        return Etcdctl(self.runner, EtcdTls.kubeadm_apiserver_client(self.settings.pki_dir), self.client_url)
+
+    def snapshot_once(self) -> str:
+        """The snapshot timer: on the etcd leader only, snapshot, verify, upload, then apply retention."""
+        state = self.store.read()
+        if state.phase != Phase.INITIALISED:
+            return f"skipped: cluster is {state.phase.value}"
+        etcdctl = self._local_etcdctl()
+        snapshots = Snapshots(self.config, self.settings, self.s3, etcdctl)
+        obj = snapshots.take_if_leader(state.generation, self.node_name)
+        if obj is None:
+            return "skipped: not the etcd leader"
+        self._metric("SnapshotUploaded")
+        deleted = snapshots.enforce_retention()
+        return f"uploaded {obj.key}; expired {len(deleted)}"
+
+    def rotate_token_once(self) -> str:
+        """The token timer: on the etcd leader only (one rotation per period, not one per node)."""
+        if not self._local_etcdctl().is_leader():
+            return "skipped: not the etcd leader"
+        new = rotate_join_token(self.config, self.settings, self.runner, self.secrets)
+        return f"rotated: token {new.token_id} until {new.expires_at}"
+
+    def restore_if_needed(self) -> str:
+        """Operator command: run disaster recovery now, only if invariant 7's predicate holds."""
+        self._deadline = self.monotonic() + self.settings.join_deadline_seconds
+        state = self.store.read()
+        if not self._dr_needed(state):
+            return "refused: disaster recovery is not proven necessary (see the log for instance states)"
+        done = self._under_lock(state, self._restore)
+        return done or "refused: another node holds the lock or the state changed; try again"
 
     # -- files --------------------------------------------------------------------------------------
     def _write(self, name: str, text: str) -> Path:

@@ -1,0 +1,346 @@
+"""A CommandRunner that reproduces what kubeadm does to etcd, for real (the agent's test and twin runner).
+
+Real: TLS certificates (openssl), etcd server processes on a loopback address per node, etcd membership
+(member add as learner, ``--initial-cluster-state existing``, promotion once caught up, as kubeadm 1.31+
+does with EtcdLearnerMode), etcdctl/etcdutl/openssl commands (passed through).
+Simulated: the API server and the kubelet. :class:`SimulatedApiServer` is a shared in-memory object that
+keeps registered nodes and bootstrap tokens; "the API server answers" means "this node's etcd answers",
+and ``kubeadm join`` checks the discovery token and CA hash against it, as kubeadm's discovery would.
+Etcd timing flags from the generated ClusterConfiguration are replaced by fast loopback values
+(``heartbeat-interval=50``, ``election-timeout=500``) so tests do not wait 2.5 s per election.
+Production's ``etcdutl`` (etcd 3.5+) is mapped to Debian's ``etcdctl`` 3.4, which has the same
+``snapshot status/restore`` subcommands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from node_agent.kubeadm import ca_cert_hash_from_public_key_pem
+from node_agent.runner import CommandResult
+
+FAST_ETCD = {"heartbeat-interval": "50", "election-timeout": "500"}
+PASSED_ETCD_ARGS = ("heartbeat-interval", "election-timeout", "quota-backend-bytes", "auto-compaction-mode",
+                    "auto-compaction-retention")  # fmt: skip
+_ALLOCATED: set[str] = set()
+_ALLOC_LOCK = threading.Lock()
+
+
+def free_loopback_ip(ports: Sequence[int] = (2379, 2380)) -> str:
+    """A random 127.x.y.z where the etcd ports are free (never 127.0.0.1, where a system etcd may run)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        ip = f"127.{rng.randint(1, 254)}.{rng.randint(0, 255)}.{rng.randint(2, 254)}"
+        with _ALLOC_LOCK:
+            if ip in _ALLOCATED:
+                continue
+            try:
+                for port in ports:
+                    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                        s.bind((ip, port))
+            except OSError:
+                continue
+            _ALLOCATED.add(ip)
+            return ip
+    raise RuntimeError("no free loopback address found")
+
+
+def _openssl(*args: str, stdin: bytes | None = None) -> str:
+    proc = subprocess.run(["openssl", *args], capture_output=True, input=stdin, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.decode()[-300:]}")
+    return proc.stdout.decode()
+
+
+def make_ca(cert: Path, key: Path, cn: str) -> None:
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={cn}", "-days", "2",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+
+
+def make_leaf(ca_cert: Path, ca_key: Path, cert: Path, key: Path, *, cn: str, sans: Sequence[str] = ()) -> None:
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    csr = cert.with_suffix(".csr")
+    ext = cert.with_suffix(".ext")
+    lines = ["keyUsage=critical,digitalSignature,keyEncipherment", "extendedKeyUsage=serverAuth,clientAuth"]
+    if sans:
+        lines.append("subjectAltName=" + ",".join(sans))
+    ext.write_text("\n".join(lines) + "\n")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}")  # fmt: skip
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+             "-set_serial", str(random.SystemRandom().randint(1, 2**62)), "-days", "2",
+             "-extfile", str(ext), "-out", str(cert))  # fmt: skip
+    csr.unlink()
+    ext.unlink()
+
+
+@dataclass
+class SimulatedApiServer:
+    """What the API server would know: registered nodes, bootstrap tokens, control-plane etcd endpoints."""
+
+    nodes: dict[str, str] = field(default_factory=dict)  # node name -> "control-plane" | "worker"
+    tokens: set[str] = field(default_factory=set)
+    etcd_endpoints: dict[str, str] = field(default_factory=dict)  # node name -> etcd client URL
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class KubeadmEmulator:
+    """One node's kubeadm, with real etcd. Construct with the node's address, directories and the shared API."""
+
+    def __init__(
+        self,
+        *,
+        node_name: str,
+        ip: str,
+        kubernetes_dir: Path,
+        etcd_data_dir: Path,
+        api: SimulatedApiServer,
+        client_port: int = 2379,
+        peer_port: int = 2380,
+        log_dir: Path | None = None,
+        fail: Mapping[str, str] | None = None,
+        promote_timeout: float = 30.0,
+    ) -> None:
+        self.node_name = node_name
+        self.ip = ip
+        self.kubernetes_dir = kubernetes_dir
+        self.pki = kubernetes_dir / "pki"
+        self.data_dir = etcd_data_dir
+        self.api = api
+        self.client_url = f"https://{ip}:{client_port}"
+        self.peer_url = f"https://{ip}:{peer_port}"
+        self.log_dir = log_dir or kubernetes_dir.parent
+        self.fail = dict(fail or {})
+        self.promote_timeout = promote_timeout
+        self.calls: list[list[str]] = []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    # -- CommandRunner ----------------------------------------------------------------------------------
+    def run(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        argv = list(argv)
+        self.calls.append(argv)
+        key = " ".join(argv[:2])
+        if key in self.fail:
+            return CommandResult(tuple(argv), 1, "", self.fail[key])
+        try:
+            return self._dispatch(argv, env or {}, timeout)
+        except Exception as err:  # a kubeadm failure is a non-zero exit with a message, never a crash
+            return CommandResult(tuple(argv), 1, "", f"{type(err).__name__}: {err}")
+
+    def commands(self, prefix: str) -> list[list[str]]:
+        return [c for c in self.calls if " ".join(c).startswith(prefix)]
+
+    def _dispatch(self, argv: list[str], env: Mapping[str, str], timeout: float | None) -> CommandResult:  # noqa: PLR0911
+        ok = lambda out="": CommandResult(tuple(argv), 0, out, "")  # noqa: E731
+        if argv[:2] == ["kubeadm", "init"]:
+            self._init(Path(argv[argv.index("--config") + 1]))
+            return ok("Your Kubernetes control-plane has initialized successfully!\n")
+        if argv[:2] == ["kubeadm", "join"]:
+            self._join(Path(argv[argv.index("--config") + 1]))
+            return ok("This node has joined the cluster\n")
+        if argv[:2] == ["kubeadm", "reset"]:
+            self.reset()
+            return ok()
+        if argv[:3] == ["kubeadm", "token", "create"]:
+            with self.api.lock:
+                self.api.tokens.add(argv[3])
+            return ok(argv[3] + "\n")
+        if argv[:3] == ["kubeadm", "token", "delete"]:
+            with self.api.lock:
+                self.api.tokens = {t for t in self.api.tokens if not t.startswith(argv[3] + ".")}
+            return ok(f'bootstrap token "{argv[3]}" deleted\n')
+        if argv[0] == "kubectl" and "/readyz" in argv:
+            up = self.process is not None and self.process.poll() is None and self._etcd_healthy()
+            return CommandResult(tuple(argv), 0 if up else 1, "ok" if up else "", "" if up else "connection refused")
+        if argv[0] == "kubectl" and "node" in argv:
+            name = argv[argv.index("node") + 1]
+            if name in self.api.nodes:
+                return ok(f"node/{name}\n")
+            return CommandResult(tuple(argv), 1, "", f'nodes "{name}" not found')
+        if argv[0] in ("openssl", "etcdctl", "etcdutl"):
+            real = ["etcdctl", *argv[1:]] if argv[0] == "etcdutl" else argv
+            proc = subprocess.run(real, capture_output=True, text=True, env={**os.environ, **env, "ETCDCTL_API": "3"},
+                                  timeout=timeout, check=False)  # fmt: skip
+            return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+        raise RuntimeError(f"the emulator does not know {argv[:3]}")
+
+    # -- kubeadm init / join / reset ---------------------------------------------------------------------------
+    @staticmethod
+    def _documents(path: Path) -> dict[str, dict[str, Any]]:
+        return {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
+
+    def _ensure_shared_pki(self) -> None:
+        """kubeadm's certs phase: create each CA and the SA key pair only if not already on disk."""
+        cas = (("ca.crt", "ca.key", "kubernetes"), ("front-proxy-ca.crt", "front-proxy-ca.key", "front-proxy-ca"),
+               ("etcd/ca.crt", "etcd/ca.key", "etcd-ca"))  # fmt: skip
+        for cert, key, cn in cas:
+            if not (self.pki / cert).exists():
+                make_ca(self.pki / cert, self.pki / key, cn)
+        if not (self.pki / "sa.key").exists():
+            _openssl(
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-out",
+                str(self.pki / "sa.key"),
+            )
+            _openssl("pkey", "-in", str(self.pki / "sa.key"), "-pubout", "-out", str(self.pki / "sa.pub"))
+
+    def _node_certs(self) -> None:
+        ca, cakey = self.pki / "etcd" / "ca.crt", self.pki / "etcd" / "ca.key"
+        sans = [f"IP:{self.ip}", f"DNS:{self.node_name}", "DNS:localhost"]
+        etcd = self.pki / "etcd"
+        make_leaf(ca, cakey, etcd / "server.crt", etcd / "server.key", cn=self.node_name, sans=sans)
+        make_leaf(ca, cakey, etcd / "peer.crt", etcd / "peer.key", cn=self.node_name, sans=sans)
+        make_leaf(ca, cakey, self.pki / "apiserver-etcd-client.crt", self.pki / "apiserver-etcd-client.key",
+                  cn="kube-apiserver-etcd-client")  # fmt: skip
+
+    def _init(self, config: Path) -> None:
+        docs = self._documents(config)
+        init, cluster = docs["InitConfiguration"], docs["ClusterConfiguration"]
+        assert init["nodeRegistration"]["name"] == self.node_name
+        self._ensure_shared_pki()
+        self._node_certs()
+        restored = self.data_dir.exists() and any(self.data_dir.iterdir())
+        extra = {a["name"]: a["value"] for a in cluster["etcd"]["local"].get("extraArgs", [])}
+        self.start_etcd(initial_cluster=f"{self.node_name}={self.peer_url}", state="new", extra=extra)
+        self._wait_healthy()
+        with self.api.lock:
+            self.api.tokens.update(t["token"] for t in init.get("bootstrapTokens", []))
+            self.api.nodes[self.node_name] = "control-plane"
+            self.api.etcd_endpoints[self.node_name] = self.client_url
+        _ = restored
+
+    def _join(self, config: Path) -> None:
+        join = self._documents(config)["JoinConfiguration"]
+        assert join["nodeRegistration"]["name"] == self.node_name
+        discovery = join["discovery"]["bootstrapToken"]
+        if discovery["token"] not in self.api.tokens:
+            raise RuntimeError("[discovery] the bootstrap token is unknown or expired")
+        if "controlPlane" not in join:
+            with self.api.lock:
+                self.api.nodes[self.node_name] = "worker"
+            return
+        shared = ("ca.crt", "ca.key", "sa.key", "sa.pub", "front-proxy-ca.crt", "etcd/ca.crt", "etcd/ca.key")
+        missing = [f for f in shared if not (self.pki / f).exists()]
+        if missing:
+            raise RuntimeError(f"[preflight] shared certificates missing (no --certificate-key given): {missing}")
+        ca_hash = ca_cert_hash_from_public_key_pem(
+            _openssl("x509", "-in", str(self.pki / "ca.crt"), "-noout", "-pubkey")
+        )
+        if ca_hash not in discovery["caCertHashes"]:
+            raise RuntimeError("[discovery] cluster CA found does not match any of the caCertHashes")
+        self._node_certs()
+        endpoints = [u for n, u in self.api.etcd_endpoints.items() if n != self.node_name]
+        member_id, initial_cluster = self._add_learner(endpoints)
+        self.start_etcd(initial_cluster=initial_cluster, state="existing", extra={})
+        self._promote(endpoints, member_id)
+        with self.api.lock:
+            self.api.nodes[self.node_name] = "control-plane"
+            self.api.etcd_endpoints[self.node_name] = self.client_url
+
+    def reset(self) -> None:
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        with self.api.lock:
+            self.api.etcd_endpoints.pop(self.node_name, None)
+
+    # -- etcd ------------------------------------------------------------------------------------------------
+    def etcdctl(self, endpoints: Sequence[str], *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+        argv = ["etcdctl", "--endpoints", ",".join(endpoints), "--cacert", str(self.pki / "etcd" / "ca.crt"),
+                "--cert", str(self.pki / "apiserver-etcd-client.crt"),
+                "--key", str(self.pki / "apiserver-etcd-client.key"),
+                "--dial-timeout", "2s", "--command-timeout", "5s", *args]  # fmt: skip
+        return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"},
+                              timeout=timeout, check=False)  # fmt: skip
+
+    def _add_learner(self, endpoints: Sequence[str]) -> tuple[str, str]:
+        deadline = time.monotonic() + self.promote_timeout
+        while True:  # kubeadm retries the add (etcd allows one learner at a time)
+            proc = self.etcdctl(endpoints, "member", "add", self.node_name, f"--peer-urls={self.peer_url}",
+                                "--learner", "-w", "json")  # fmt: skip
+            if proc.returncode == 0:
+                doc = json.loads(proc.stdout)
+                member_id = format(int(doc["member"]["ID"]), "x")
+                parts = []
+                for m in doc["members"]:
+                    name = m.get("name") or (self.node_name if m["peerURLs"] == [self.peer_url] else "")
+                    parts += [f"{name}={u}" for u in m["peerURLs"]] if name else []
+                return member_id, ",".join(parts)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"[etcd] member add failed: {proc.stderr.strip()[-300:]}")
+            time.sleep(0.2)
+
+    def _promote(self, endpoints: Sequence[str], member_id: str) -> None:
+        deadline = time.monotonic() + self.promote_timeout
+        while True:  # "can only promote a learner member which is in sync with leader": retry until caught up
+            proc = self.etcdctl(endpoints, "member", "promote", member_id)
+            if proc.returncode == 0:
+                return
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError("[etcd] the local etcd member exited before it could be promoted")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"[etcd] learner not promoted: {proc.stderr.strip()[-300:]}")
+            time.sleep(0.1)
+
+    def start_etcd(self, *, initial_cluster: str, state: str, extra: Mapping[str, str]) -> None:
+        args = {**extra, **FAST_ETCD}
+        etcd_dir = self.pki / "etcd"
+        argv = [
+            "etcd", "--name", self.node_name, "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
+            "--client-cert-auth", "--trusted-ca-file", str(etcd_dir / "ca.crt"),
+            "--cert-file", str(etcd_dir / "server.crt"), "--key-file", str(etcd_dir / "server.key"),
+            "--peer-client-cert-auth", "--peer-trusted-ca-file", str(etcd_dir / "ca.crt"),
+            "--peer-cert-file", str(etcd_dir / "peer.crt"), "--peer-key-file", str(etcd_dir / "peer.key"),
+            "--logger", "zap", "--log-level", "warn",
+            *[f"--{k}={v}" for k, v in args.items() if k in PASSED_ETCD_ARGS],
+        ]  # fmt: skip
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"etcd-{self.ip}.log").open("ab")
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def _etcd_healthy(self) -> bool:
+        proc = self.etcdctl([self.client_url], "endpoint", "health", timeout=8)
+        return proc.returncode == 0
+
+    def _wait_healthy(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"[etcd] etcd exited with {self.process.returncode}; see {self.log_dir}")
+            if self._etcd_healthy():
+                return
+            time.sleep(0.1)
+        raise RuntimeError("[etcd] etcd did not become healthy")
+
+    def kill(self) -> None:
+        """Crash this node's etcd (SIGKILL) -- the instance dying."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
