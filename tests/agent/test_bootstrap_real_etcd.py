@@ -84,3 +84,112 @@ def test_three_concurrent_agents_build_a_real_three_member_cluster(
     state = ClusterStateStore(aws["dynamodb"], cfg.cluster_state_table).read()
     assert state.phase == Phase.INITIALISED and state.generation == 1
     assert {m.instance_id for m in state.last_membership} == {n.identity.instance_id for n in cluster_nodes}
+
+
+def _put_keys(node: Node, count: int, prefix: str = "/registry/test/") -> dict[str, str]:
+    keys = {f"{prefix}{i:04d}": f"value-{i}" for i in range(count)}
+    for k, v in keys.items():
+        proc = node.runner.etcdctl([node.agent.client_url], "put", k, v)
+        assert proc.returncode == 0, proc.stderr
+    return keys
+
+
+def _get_prefix(node: Node, prefix: str = "/registry/test/") -> dict[str, str]:
+    proc = node.runner.etcdctl([node.agent.client_url], "get", prefix, "--prefix")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    return dict(zip(lines[0::2], lines[1::2], strict=True))
+
+
+def test_a_node_reusing_a_dead_members_ip_removes_it_then_joins_as_a_promoted_learner(
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+) -> None:
+    cfg = AgentConfig.from_mapping(config_values())
+    api = SimulatedApiServer()
+    cluster_nodes += [Node(aws, tmp_path, api, cfg) for _ in range(3)]
+    assert all(o.ok for o in _launch_all(cluster_nodes))
+    victim = cluster_nodes[2]
+    victim.runner.kill()
+    aws["ec2"].terminate_instances(InstanceIds=[victim.identity.instance_id])
+    api.etcd_endpoints.pop(victim.identity.node_name)
+    # The replacement gets the same private IP (EC2 reuses addresses); its instance ID differs.
+    new = Node(aws, tmp_path, api, cfg, ip=victim.identity.private_ip)
+    cluster_nodes.append(new)
+    outcome = new.agent.run_launch()
+    assert outcome.action == "joined", outcome
+    members = _etcd(cluster_nodes[0]).members([cluster_nodes[0].agent.client_url])
+    names = sorted(m.name for m in members)
+    expected = sorted(
+        [cluster_nodes[0].identity.node_name, cluster_nodes[1].identity.node_name, new.identity.node_name]
+    )
+    assert names == expected, "the stale member is gone, the new one is a member"
+    assert not any(m.is_learner for m in members)
+    assert new.hook.calls == [("CONTINUE", "joined")]
+
+
+def test_snapshots_come_from_the_leader_only_and_restore_brings_back_every_key(
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+) -> None:
+    cfg = AgentConfig.from_mapping(config_values(kmsKeyId=aws["kms_key_id"]))
+    api = SimulatedApiServer()
+    cluster_nodes += [Node(aws, tmp_path, api, cfg) for _ in range(3)]
+    assert all(o.ok for o in _launch_all(cluster_nodes))
+    keys = _put_keys(cluster_nodes[0], 40)
+
+    messages = [n.agent.snapshot_once() for n in cluster_nodes]
+    uploaded = [m for m in messages if m.startswith("uploaded")]
+    assert len(uploaded) == 1 and messages.count("skipped: not the etcd leader") == 2, messages
+    objects = aws["s3"].list_objects_v2(Bucket=cfg.snapshot_bucket)["Contents"]
+    assert len(objects) == 1
+    head = aws["s3"].head_object(Bucket=cfg.snapshot_bucket, Key=objects[0]["Key"])
+    assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == aws["kms_key_id"]
+    assert head["Metadata"]["generation"] == "1" and int(head["Metadata"]["total-key"]) >= 40
+
+    # Every member dies and every instance is terminated: disaster recovery is proven necessary.
+    for n in cluster_nodes:
+        n.runner.kill()
+    aws["ec2"].terminate_instances(InstanceIds=[n.identity.instance_id for n in cluster_nodes])
+    api.etcd_endpoints.clear()
+    restorer = Node(aws, tmp_path, api, cfg)
+    cluster_nodes.append(restorer)
+    outcome = restorer.agent.run_launch()
+    assert outcome.action == "restored", outcome
+    assert restorer.hook.calls == [("CONTINUE", "restored")]
+    restore_argv = restorer.runner.commands("etcdutl snapshot restore")
+    assert len(restore_argv) == 1 and f"{cfg.cluster_name}-g2" in restore_argv[0]
+    assert _get_prefix(restorer) == keys, "every key written before the snapshot is back"
+    state = ClusterStateStore(aws["dynamodb"], cfg.cluster_state_table).read()
+    assert (state.phase, state.generation) == (Phase.INITIALISED, 2)
+    assert [m.instance_id for m in state.last_membership] == [restorer.identity.instance_id]
+
+    # The others join the restored cluster (never a second restore).
+    joiner = Node(aws, tmp_path, api, cfg)
+    cluster_nodes.append(joiner)
+    assert joiner.agent.run_launch().action == "joined"
+    assert joiner.runner.commands("etcdutl") == []
+    assert _get_prefix(joiner) == keys
+
+
+def test_disaster_recovery_refuses_while_one_member_instance_still_runs(
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+) -> None:
+    cfg = AgentConfig.from_mapping(config_values(kmsKeyId=aws["kms_key_id"]))
+    api = SimulatedApiServer()
+    cluster_nodes += [Node(aws, tmp_path, api, cfg) for _ in range(3)]
+    assert all(o.ok for o in _launch_all(cluster_nodes))
+    _put_keys(cluster_nodes[0], 5)
+    assert any(n.agent.snapshot_once().startswith("uploaded") for n in cluster_nodes)
+    for n in cluster_nodes:
+        n.runner.kill()  # every etcd is unreachable ...
+    # ... but only two instances are terminated: the third is merely unreachable (partition, reboot).
+    aws["ec2"].terminate_instances(InstanceIds=[n.identity.instance_id for n in cluster_nodes[:2]])
+    store = ClusterStateStore(aws["dynamodb"], cfg.cluster_state_table)
+    before = store.read()
+    newcomer = Node(aws, tmp_path, api, cfg, join_deadline_seconds=3.0, health_timeout_seconds=1.5)
+    cluster_nodes.append(newcomer)
+    outcome = newcomer.agent.run_launch()
+    assert not outcome.ok
+    assert newcomer.hook.result == "ABANDON"
+    assert newcomer.runner.commands("etcdutl") == [] and newcomer.runner.commands("kubeadm init") == []
+    assert store.read() == before, "no restore, no generation bump, nothing written"
+    assert newcomer.agent.restore_if_needed().startswith("refused")
