@@ -320,10 +320,28 @@ class Agent:
             log(LOG, 30, "removed a stale member with my peer URL", member_id=removed, peer_url=self.peer_url)
         path = self._write("kubeadm-join.yaml", join_configuration_yaml(
             self.config, self.identity, join.token, join.ca_cert_hash, control_plane=True))  # fmt: skip
-        self.kubeadm.join(path)
-        self._wait_ready(self.lambda_client_tls, [*endpoints, self.client_url])
+        try:
+            self.kubeadm.join(path)
+            self._wait_ready(self.lambda_client_tls, [*endpoints, self.client_url])
+        except Exception:
+            self._withdraw_own_member(etcd, endpoints)
+            raise
         self._record_membership(state.generation, etcd, [*endpoints, self.client_url])
         return "joined"
+
+    def _withdraw_own_member(self, etcd: EtcdAccess, endpoints: Sequence[str]) -> None:
+        """A failed join must not leave its learner behind: it would block every later join (invariant 4a).
+
+        Best effort and quorum-checked (the membership module refuses an unsafe removal); the ASG
+        terminates this instance after ABANDON, and the terminate hook/reconciler remove whatever is left.
+        """
+        try:
+            removed = etcd.remove_stale_member(endpoints, self.peer_url, keep_name=None)
+        except Exception as err:
+            log(LOG, 40, "could not withdraw my etcd member after a failed join", error=str(err))
+            return
+        if removed:
+            log(LOG, 30, "withdrew my etcd member after a failed join", member_id=removed)
 
     def _wait_ready(self, tls: EtcdTls, endpoints: Sequence[str]) -> None:
         etcd = self.etcd_for(tls)

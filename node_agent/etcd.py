@@ -49,8 +49,11 @@ class EtcdAccess(Protocol):
 
     def members(self, endpoints: Sequence[str]) -> list[Member]: ...
 
-    def remove_stale_member(self, endpoints: Sequence[str], peer_url: str, keep_name: str) -> str | None:
-        """Remove a member carrying ``peer_url`` whose name is not ``keep_name`` (quorum-safe); its id or None."""
+    def remove_stale_member(self, endpoints: Sequence[str], peer_url: str, keep_name: str | None) -> str | None:
+        """Remove a member carrying ``peer_url`` (quorum-safe) unless it is named ``keep_name``; its id or None.
+
+        ``keep_name=None`` removes whatever member carries the peer URL (withdrawing my own failed join).
+        """
 
     def member_ready(self, endpoints: Sequence[str], name: str) -> bool:
         """Member ``name`` is started, a voter (promoted) and healthy."""

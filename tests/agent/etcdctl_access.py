@@ -58,9 +58,9 @@ class EtcdctlAccess:
         except (ConnectionError, ValueError):
             return False
 
-    def remove_stale_member(self, endpoints: Sequence[str], peer_url: str, keep_name: str) -> str | None:
+    def remove_stale_member(self, endpoints: Sequence[str], peer_url: str, keep_name: str | None) -> str | None:
         members = self.members(endpoints)
-        stale = [m for m in members if peer_url in m.peer_urls and m.name != keep_name]
+        stale = [m for m in members if peer_url in m.peer_urls and (keep_name is None or m.name != keep_name)]
         if not stale:
             return None
         target = stale[0]

@@ -61,10 +61,10 @@ class FakeEtcd:
             raise ConnectionError("no endpoint answers")
         return list(self.cluster.members.values())
 
-    def remove_stale_member(self, endpoints: Sequence[str], peer_url: str, keep_name: str) -> str | None:
+    def remove_stale_member(self, endpoints: Sequence[str], peer_url: str, keep_name: str | None) -> str | None:
         with self.cluster.lock:
             for mid, m in list(self.cluster.members.items()):
-                if peer_url in m.peer_urls and m.name != keep_name:
+                if peer_url in m.peer_urls and (keep_name is None or m.name != keep_name):
                     del self.cluster.members[mid]
                     return mid
         return None

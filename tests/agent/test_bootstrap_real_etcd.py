@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,53 @@ def test_disaster_recovery_refuses_while_one_member_instance_still_runs(
     assert newcomer.runner.commands("etcdutl") == [] and newcomer.runner.commands("kubeadm init") == []
     assert store.read() == before, "no restore, no generation bump, nothing written"
     assert newcomer.agent.restore_if_needed().startswith("refused")
+
+
+def test_a_joiner_whose_etcd_cannot_start_abandons_and_withdraws_its_learner(
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+) -> None:
+    cfg = AgentConfig.from_mapping(config_values())
+    api = SimulatedApiServer()
+    first = Node(aws, tmp_path, api, cfg)
+    cluster_nodes.append(first)
+    assert first.agent.run_launch().action == "initialised"
+    broken = Node(aws, tmp_path, api, cfg)
+    cluster_nodes.append(broken)
+    # Something else holds the joiner's peer port: its etcd exits at once, after kubeadm added the learner.
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind((broken.identity.private_ip, 2380))
+    blocker.listen()
+    try:
+        outcome = broken.agent.run_launch()
+    finally:
+        blocker.close()
+    assert not outcome.ok and "exited before it could be promoted" in outcome.reason, outcome
+    assert broken.hook.calls == [("ABANDON", outcome.reason)], "never CONTINUE: the member is not healthy"
+    members = _etcd(first).members([first.agent.client_url])
+    assert [m.name for m in members] == [first.identity.node_name], "the learner it left was withdrawn"
+    # The next replacement joins normally (nothing blocks invariant 4a).
+    after = Node(aws, tmp_path, api, cfg)
+    cluster_nodes.append(after)
+    assert after.agent.run_launch().action == "joined"
+
+
+def test_token_rotation_on_the_leader_lets_workers_join_with_the_new_token_only(
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+) -> None:
+    cfg = AgentConfig.from_mapping(config_values())
+    api = SimulatedApiServer()
+    first = Node(aws, tmp_path, api, cfg)
+    cluster_nodes.append(first)
+    assert first.agent.run_launch().ok
+    old = first.agent.secrets.read_join(cfg.join_secret_name)
+    assert api.tokens == {old.token}, "kubeadm init created the token stored in the join secret"
+
+    message = first.agent.rotate_token_once()
+    new = first.agent.secrets.read_join(cfg.join_secret_name)
+    assert message.startswith("rotated") and new.token != old.token
+    assert api.tokens == {new.token}, "the old token is deleted once the new one is stored"
+    assert new.ca_cert_hash == old.ca_cert_hash
+
+    worker = Node(aws, tmp_path, api, AgentConfig.from_mapping(config_values(role="worker")))
+    assert worker.agent.run_launch().action == "worker-joined"
+    assert api.nodes[worker.identity.node_name] == "worker"
