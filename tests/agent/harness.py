@@ -10,12 +10,14 @@ from typing import Any
 from node_agent.bootstrap import Agent
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import ClusterStateStore
-from node_agent.etcd import EtcdAccess, EtcdTls
+from node_agent.etcd import EtcdAccess, EtcdTls, listening
 from node_agent.instance import InstanceIdentity
 from node_agent.lifecycle import RecordingLaunchHook
 from node_agent.runner import CommandRunner
 from node_agent.secrets import SecretStore
 from tests.agent.conftest import REGION
+from tests.agent.etcdctl_access import EtcdctlAccess
+from tests.agent.kubeadm_emulator import KubeadmEmulator, SimulatedApiServer, free_loopback_ip
 
 
 def fast_settings(root: Path, **overrides: Any) -> AgentSettings:
@@ -61,3 +63,44 @@ def build_agent(
         probe=probe,
     )
     return agent, hook
+
+
+class EmulatedNode:
+    """One instance for the real-etcd tests and the local twin: a moto EC2 instance, a loopback address,
+    a :class:`KubeadmEmulator` with real etcd, and an :class:`Agent` wired to moto.
+
+    ``etcd_for`` defaults to the etcdctl-based access used in tests; pass the membership adapter to run
+    the agent exactly as in production.
+    """
+
+    def __init__(
+        self,
+        aws: dict[str, Any],
+        root: Path,
+        api: SimulatedApiServer,
+        cfg: AgentConfig,
+        *,
+        ip: str | None = None,
+        etcd_for: Callable[[EtcdTls], EtcdAccess] | None = None,
+        **settings: Any,
+    ) -> None:
+        inst = aws["ec2"].run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]
+        ip = ip or free_loopback_ip()
+        self.identity = InstanceIdentity(inst["InstanceId"], ip, REGION)
+        self.settings = fast_settings(root / self.identity.instance_id, **settings)
+        self.runner = KubeadmEmulator(
+            node_name=self.identity.node_name,
+            ip=ip,
+            kubernetes_dir=self.settings.kubernetes_dir,
+            etcd_data_dir=self.settings.etcd_data_dir,
+            api=api,
+        )
+        self.agent, self.hook = build_agent(
+            aws,
+            cfg,
+            ident=self.identity,
+            settings=self.settings,
+            runner=self.runner,
+            etcd_for=etcd_for or EtcdctlAccess,
+            probe=listening,
+        )

@@ -12,43 +12,24 @@ import pytest
 from node_agent.bootstrap import LaunchOutcome
 from node_agent.config import AgentConfig
 from node_agent.election import ClusterStateStore, Phase
-from node_agent.etcd import EtcdTls, listening
-from node_agent.instance import InstanceIdentity
-from tests.agent.conftest import REGION, config_values
+from node_agent.etcd import EtcdTls
+from tests.agent.conftest import config_values
 from tests.agent.etcdctl_access import EtcdctlAccess
-from tests.agent.harness import build_agent, fast_settings
-from tests.agent.kubeadm_emulator import KubeadmEmulator, SimulatedApiServer, free_loopback_ip
+from tests.agent.harness import EmulatedNode
+from tests.agent.kubeadm_emulator import SimulatedApiServer
 
 pytestmark = pytest.mark.etcd
 
 
-class Node:
-    def __init__(
-        self, aws: dict[str, Any], root: Path, api: SimulatedApiServer, cfg: AgentConfig, **settings: Any
-    ) -> None:
-        inst = aws["ec2"].run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]
-        ip = settings.pop("ip", None) or free_loopback_ip()
-        self.identity = InstanceIdentity(inst["InstanceId"], ip, REGION)
-        self.settings = fast_settings(root / self.identity.instance_id, **settings)
-        self.runner = KubeadmEmulator(
-            node_name=self.identity.node_name, ip=ip, kubernetes_dir=self.settings.kubernetes_dir,
-            etcd_data_dir=self.settings.etcd_data_dir, api=api,
-        )  # fmt: skip
-        self.agent, self.hook = build_agent(
-            aws, cfg, ident=self.identity, settings=self.settings, runner=self.runner,
-            etcd_for=EtcdctlAccess, probe=listening,
-        )  # fmt: skip
-
-
 @pytest.fixture
 def cluster_nodes() -> Any:
-    nodes: list[Node] = []
+    nodes: list[EmulatedNode] = []
     yield nodes
     for n in nodes:
         n.runner.kill()
 
 
-def _launch_all(nodes: list[Node]) -> list[LaunchOutcome]:
+def _launch_all(nodes: list[EmulatedNode]) -> list[LaunchOutcome]:
     results: list[LaunchOutcome | None] = [None] * len(nodes)
 
     def go(i: int) -> None:
@@ -62,16 +43,16 @@ def _launch_all(nodes: list[Node]) -> list[LaunchOutcome]:
     return [r for r in results if r is not None]
 
 
-def _etcd(node: Node) -> EtcdctlAccess:
+def _etcd(node: EmulatedNode) -> EtcdctlAccess:
     return EtcdctlAccess(EtcdTls.kubeadm_apiserver_client(node.settings.pki_dir))
 
 
 def test_three_concurrent_agents_build_a_real_three_member_cluster(
-    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[EmulatedNode]
 ) -> None:
     cfg = AgentConfig.from_mapping(config_values())
     api = SimulatedApiServer()
-    cluster_nodes += [Node(aws, tmp_path, api, cfg) for _ in range(3)]
+    cluster_nodes += [EmulatedNode(aws, tmp_path, api, cfg) for _ in range(3)]
     outcomes = _launch_all(cluster_nodes)
     assert sorted(o.action for o in outcomes) == ["initialised", "joined", "joined"], outcomes
     assert all(n.hook.calls == [("CONTINUE", o.action)] for n, o in zip(cluster_nodes, outcomes, strict=True))
@@ -87,7 +68,7 @@ def test_three_concurrent_agents_build_a_real_three_member_cluster(
     assert {m.instance_id for m in state.last_membership} == {n.identity.instance_id for n in cluster_nodes}
 
 
-def _put_keys(node: Node, count: int, prefix: str = "/registry/test/") -> dict[str, str]:
+def _put_keys(node: EmulatedNode, count: int, prefix: str = "/registry/test/") -> dict[str, str]:
     keys = {f"{prefix}{i:04d}": f"value-{i}" for i in range(count)}
     for k, v in keys.items():
         proc = node.runner.etcdctl([node.agent.client_url], "put", k, v)
@@ -95,7 +76,7 @@ def _put_keys(node: Node, count: int, prefix: str = "/registry/test/") -> dict[s
     return keys
 
 
-def _get_prefix(node: Node, prefix: str = "/registry/test/") -> dict[str, str]:
+def _get_prefix(node: EmulatedNode, prefix: str = "/registry/test/") -> dict[str, str]:
     proc = node.runner.etcdctl([node.agent.client_url], "get", prefix, "--prefix")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -103,18 +84,18 @@ def _get_prefix(node: Node, prefix: str = "/registry/test/") -> dict[str, str]:
 
 
 def test_a_node_reusing_a_dead_members_ip_removes_it_then_joins_as_a_promoted_learner(
-    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[EmulatedNode]
 ) -> None:
     cfg = AgentConfig.from_mapping(config_values())
     api = SimulatedApiServer()
-    cluster_nodes += [Node(aws, tmp_path, api, cfg) for _ in range(3)]
+    cluster_nodes += [EmulatedNode(aws, tmp_path, api, cfg) for _ in range(3)]
     assert all(o.ok for o in _launch_all(cluster_nodes))
     victim = cluster_nodes[2]
     victim.runner.kill()
     aws["ec2"].terminate_instances(InstanceIds=[victim.identity.instance_id])
     api.etcd_endpoints.pop(victim.identity.node_name)
     # The replacement gets the same private IP (EC2 reuses addresses); its instance ID differs.
-    new = Node(aws, tmp_path, api, cfg, ip=victim.identity.private_ip)
+    new = EmulatedNode(aws, tmp_path, api, cfg, ip=victim.identity.private_ip)
     cluster_nodes.append(new)
     outcome = new.agent.run_launch()
     assert outcome.action == "joined", outcome
@@ -128,12 +109,13 @@ def test_a_node_reusing_a_dead_members_ip_removes_it_then_joins_as_a_promoted_le
     assert new.hook.calls == [("CONTINUE", "joined")]
 
 
+@pytest.mark.slow
 def test_snapshots_come_from_the_leader_only_and_restore_brings_back_every_key(
-    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[EmulatedNode]
 ) -> None:
     cfg = AgentConfig.from_mapping(config_values(kmsKeyId=aws["kms_key_id"]))
     api = SimulatedApiServer()
-    cluster_nodes += [Node(aws, tmp_path, api, cfg) for _ in range(3)]
+    cluster_nodes += [EmulatedNode(aws, tmp_path, api, cfg) for _ in range(3)]
     assert all(o.ok for o in _launch_all(cluster_nodes))
     keys = _put_keys(cluster_nodes[0], 40)
 
@@ -151,7 +133,7 @@ def test_snapshots_come_from_the_leader_only_and_restore_brings_back_every_key(
         n.runner.kill()
     aws["ec2"].terminate_instances(InstanceIds=[n.identity.instance_id for n in cluster_nodes])
     api.etcd_endpoints.clear()
-    restorer = Node(aws, tmp_path, api, cfg)
+    restorer = EmulatedNode(aws, tmp_path, api, cfg)
     cluster_nodes.append(restorer)
     outcome = restorer.agent.run_launch()
     assert outcome.action == "restored", outcome
@@ -164,19 +146,20 @@ def test_snapshots_come_from_the_leader_only_and_restore_brings_back_every_key(
     assert [m.instance_id for m in state.last_membership] == [restorer.identity.instance_id]
 
     # The others join the restored cluster (never a second restore).
-    joiner = Node(aws, tmp_path, api, cfg)
+    joiner = EmulatedNode(aws, tmp_path, api, cfg)
     cluster_nodes.append(joiner)
     assert joiner.agent.run_launch().action == "joined"
     assert joiner.runner.commands("etcdutl") == []
     assert _get_prefix(joiner) == keys
 
 
+@pytest.mark.slow
 def test_disaster_recovery_refuses_while_one_member_instance_still_runs(
-    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[EmulatedNode]
 ) -> None:
     cfg = AgentConfig.from_mapping(config_values(kmsKeyId=aws["kms_key_id"]))
     api = SimulatedApiServer()
-    cluster_nodes += [Node(aws, tmp_path, api, cfg) for _ in range(3)]
+    cluster_nodes += [EmulatedNode(aws, tmp_path, api, cfg) for _ in range(3)]
     assert all(o.ok for o in _launch_all(cluster_nodes))
     _put_keys(cluster_nodes[0], 5)
     assert any(n.agent.snapshot_once().startswith("uploaded") for n in cluster_nodes)
@@ -186,7 +169,7 @@ def test_disaster_recovery_refuses_while_one_member_instance_still_runs(
     aws["ec2"].terminate_instances(InstanceIds=[n.identity.instance_id for n in cluster_nodes[:2]])
     store = ClusterStateStore(aws["dynamodb"], cfg.cluster_state_table)
     before = store.read()
-    newcomer = Node(aws, tmp_path, api, cfg, join_deadline_seconds=3.0, health_timeout_seconds=1.5)
+    newcomer = EmulatedNode(aws, tmp_path, api, cfg, join_deadline_seconds=3.0, health_timeout_seconds=1.5)
     cluster_nodes.append(newcomer)
     outcome = newcomer.agent.run_launch()
     assert not outcome.ok
@@ -197,14 +180,14 @@ def test_disaster_recovery_refuses_while_one_member_instance_still_runs(
 
 
 def test_a_joiner_whose_etcd_cannot_start_abandons_and_withdraws_its_learner(
-    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[EmulatedNode]
 ) -> None:
     cfg = AgentConfig.from_mapping(config_values())
     api = SimulatedApiServer()
-    first = Node(aws, tmp_path, api, cfg)
+    first = EmulatedNode(aws, tmp_path, api, cfg)
     cluster_nodes.append(first)
     assert first.agent.run_launch().action == "initialised"
-    broken = Node(aws, tmp_path, api, cfg)
+    broken = EmulatedNode(aws, tmp_path, api, cfg)
     cluster_nodes.append(broken)
     # Something else holds the joiner's peer port: its etcd exits at once, after kubeadm added the learner.
     blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -219,17 +202,17 @@ def test_a_joiner_whose_etcd_cannot_start_abandons_and_withdraws_its_learner(
     members = _etcd(first).members([first.agent.client_url])
     assert [m.name for m in members] == [first.identity.node_name], "the learner it left was withdrawn"
     # The next replacement joins normally (nothing blocks invariant 4a).
-    after = Node(aws, tmp_path, api, cfg)
+    after = EmulatedNode(aws, tmp_path, api, cfg)
     cluster_nodes.append(after)
     assert after.agent.run_launch().action == "joined"
 
 
 def test_token_rotation_on_the_leader_lets_workers_join_with_the_new_token_only(
-    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[Node]
+    aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[EmulatedNode]
 ) -> None:
     cfg = AgentConfig.from_mapping(config_values())
     api = SimulatedApiServer()
-    first = Node(aws, tmp_path, api, cfg)
+    first = EmulatedNode(aws, tmp_path, api, cfg)
     cluster_nodes.append(first)
     assert first.agent.run_launch().ok
     old = first.agent.secrets.read_join(cfg.join_secret_name)
@@ -241,6 +224,6 @@ def test_token_rotation_on_the_leader_lets_workers_join_with_the_new_token_only(
     assert api.tokens == {new.token}, "the old token is deleted once the new one is stored"
     assert new.ca_cert_hash == old.ca_cert_hash
 
-    worker = Node(aws, tmp_path, api, AgentConfig.from_mapping(config_values(role="worker")))
+    worker = EmulatedNode(aws, tmp_path, api, AgentConfig.from_mapping(config_values(role="worker")))
     assert worker.agent.run_launch().action == "worker-joined"
     assert api.nodes[worker.identity.node_name] == "worker"
