@@ -87,6 +87,7 @@ class EmulatedNode:
         inst = aws["ec2"].run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]
         ip = ip or free_loopback_ip()
         self.identity = InstanceIdentity(inst["InstanceId"], ip, REGION)
+        settings.setdefault("poll_interval_seconds", 0.1)  # each poll is an etcdctl process: spare the CPU
         self.settings = fast_settings(root / self.identity.instance_id, **settings)
         self.runner = KubeadmEmulator(
             node_name=self.identity.node_name,
