@@ -11,12 +11,12 @@ from node_agent.bootstrap import Agent
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import ClusterStateStore
 from node_agent.etcd import EtcdAccess, EtcdTls, listening
+from node_agent.etcd_membership import MembershipEtcd
 from node_agent.instance import InstanceIdentity
 from node_agent.lifecycle import RecordingLaunchHook
 from node_agent.runner import CommandRunner
 from node_agent.secrets import SecretStore
 from tests.agent.conftest import REGION
-from tests.agent.etcdctl_access import EtcdctlAccess
 from tests.agent.kubeadm_emulator import KubeadmEmulator, SimulatedApiServer, free_loopback_ip
 
 
@@ -69,8 +69,8 @@ class EmulatedNode:
     """One instance for the real-etcd tests and the local twin: a moto EC2 instance, a loopback address,
     a :class:`KubeadmEmulator` with real etcd, and an :class:`Agent` wired to moto.
 
-    ``etcd_for`` defaults to the etcdctl-based access used in tests; pass the membership adapter to run
-    the agent exactly as in production.
+    ``etcd_for`` defaults to the production adapter (:class:`MembershipEtcd`, etcd's JSON gateway);
+    tests pass ``EtcdctlAccess`` to check the agent against an independent implementation.
     """
 
     def __init__(
@@ -102,6 +102,6 @@ class EmulatedNode:
             ident=self.identity,
             settings=self.settings,
             runner=self.runner,
-            etcd_for=etcd_for or EtcdctlAccess,
+            etcd_for=etcd_for or MembershipEtcd,
             probe=listening,
         )
