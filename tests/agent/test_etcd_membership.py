@@ -24,7 +24,7 @@ class Stubbed(MembershipEtcd):
         self.healthy = healthy
 
     def _status(self, url: str) -> dict[str, Any] | None:
-        n = int(url.split(".")[3].split(":")[0])
+        n = int(url.split(".")[3].split(":", maxsplit=1)[0])
         return {"leader": "1"} if n in self.healthy else None
 
 
