@@ -298,13 +298,20 @@ class Agent:
             path.chmod(0o600)
 
     def _already_ready_member(self, state: ClusterState) -> bool:
+        """An agent restart after a completed join/init: my member is already a healthy voter; nothing to do."""
         tls = self.lambda_client_tls
-        if not tls.cert.exists() or not any(m.instance_id == self.me for m in state.last_membership):
-            return False
+        if not tls.cert.exists():
+            return False  # this instance never reached the join step
+        endpoints = [*self._endpoints(state), self.client_url]
         try:
-            return self.etcd_for(tls).member_ready([self.client_url], self.node_name)
+            etcd = self.etcd_for(tls)
+            if not etcd.member_ready(endpoints, self.node_name):
+                return False
         except Exception:
             return False
+        if not any(m.instance_id == self.me for m in state.last_membership):
+            self._record_membership(state.generation, etcd, endpoints)
+        return True
 
     def _join_control_plane(self, state: ClusterState) -> str:
         pki = self.secrets.read_pki(self.config.pki_secret_name)
@@ -374,9 +381,30 @@ class Agent:
         ]
 
     # -- disaster recovery ---------------------------------------------------------------------------------
+    def _live_control_plane_endpoints(self) -> list[str]:
+        """Client URLs of this cluster's running control-plane instances (other than me), from EC2 tags.
+
+        A second guard for invariant 7: a member that joined but was never recorded in last_membership
+        (a lost optimistic-concurrency race) still blocks a restore if it answers.
+        """
+        filters = [
+            {"Name": "tag:dedicated-k8s:cluster", "Values": [self.config.cluster_name]},
+            {"Name": "tag:dedicated-k8s:role", "Values": ["control-plane"]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        ]
+        urls = []
+        for page in self.ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page.get("Reservations", []):
+                for inst in reservation.get("Instances", []):
+                    if inst.get("InstanceId") != self.me and inst.get("PrivateIpAddress"):
+                        urls.append(f"https://{inst['PrivateIpAddress']}:{self.settings.etcd_client_port}")
+        return urls
+
     def _dr_needed(self, state: ClusterState) -> bool:
         endpoints = self._endpoints(state)
         reachable = any(self.probe(url) for url in endpoints)
+        if not reachable and state.phase == Phase.INITIALISED and state.last_membership:
+            reachable = any(self.probe(url) for url in self._live_control_plane_endpoints())
         states = {} if reachable else describe_instance_states(self.ec2, [m.instance_id for m in state.last_membership])
         needed = disaster_recovery_needed(state, states, reachable)
         if not reachable:

@@ -204,3 +204,41 @@ def test_a_worker_joins_with_the_stored_token_once_the_kubelet_registers(aws: di
     token = first.secrets.read_join(cfg.join_secret_name).token
     assert token in text and "controlPlane" not in text
     assert len(cluster.members) == 1, "a worker adds no etcd member"
+
+
+def test_an_agent_restart_after_a_completed_join_changes_nothing(aws: dict[str, Any], tmp_path: Path) -> None:
+    cluster = FakeEtcdCluster()
+    first, _, _ = _agent(aws, tmp_path, _moto_instance(aws), cluster)
+    assert first.run_launch().ok
+    ident = _moto_instance(aws)
+    agent, _, _ = _agent(aws, tmp_path, ident, cluster)
+    assert agent.run_launch().action == "joined"
+    # The membership write was lost (say the agent crashed right after the join): a restart repairs it.
+    store = ClusterStateStore(aws["dynamodb"], "dk8s-demo-cluster-state")
+    state = store.read()
+    assert store.update_membership(1, [m for m in state.last_membership if m.instance_id != ident.instance_id],
+                                   state.membership_rev)  # fmt: skip
+    again, hook, runner2 = _agent(aws, tmp_path, ident, cluster)
+    assert again.run_launch().action == "already-member"
+    assert hook.calls == [("CONTINUE", "already-member")]
+    assert runner2.commands("kubeadm") == [], "no second join"
+    assert ident.instance_id in {m.instance_id for m in store.read().last_membership}
+
+
+def test_an_unrecorded_live_control_plane_member_blocks_disaster_recovery(aws: dict[str, Any], tmp_path: Path) -> None:
+    cluster = FakeEtcdCluster()
+    first_ident = _moto_instance(aws)
+    first, _, _ = _agent(aws, tmp_path, first_ident, cluster)
+    assert first.run_launch().ok
+    cluster.members.clear()  # the recorded member is gone ...
+    aws["ec2"].terminate_instances(InstanceIds=[first_ident.instance_id])
+    newcomer, _, _ = _agent(aws, tmp_path, _moto_instance(aws), cluster)
+    state = ClusterStateStore(aws["dynamodb"], "dk8s-demo-cluster-state").read()
+    assert newcomer._dr_needed(state), "all recorded members terminated, nothing answers: restore"
+    # ... but a running control-plane instance of this cluster, never recorded, answers on its client port.
+    tags = [{"Key": "dedicated-k8s:cluster", "Value": "demo"}, {"Key": "dedicated-k8s:role", "Value": "control-plane"}]
+    unrecorded = aws["ec2"].run_instances(
+        ImageId="ami-12c6146b", MinCount=1, MaxCount=1, TagSpecifications=[{"ResourceType": "instance", "Tags": tags}]
+    )["Instances"][0]
+    cluster.add("i-unrecorded.eu-west-1.compute.internal", unrecorded["PrivateIpAddress"])
+    assert not newcomer._dr_needed(state), "something answers: never restore beside it"
