@@ -193,7 +193,8 @@ class Agent:
         """Run ``step`` while holding the renewed lock; None means "not now, read the world again"."""
         if not self.store.try_acquire(self.me, self.settings.lease_seconds):
             return None
-        renewer = LeaseRenewer(self.store, self.me, self.settings.lease_seconds, self.settings.renew_interval_seconds)
+        renewer = LeaseRenewer(self.store, self.me, self.settings.lease_seconds, self.settings.renew_interval_seconds,
+                               max_hold_seconds=max(self._time_left(), self.settings.lease_seconds))  # fmt: skip
         try:
             with renewer:
                 state = self.store.read()

@@ -261,13 +261,25 @@ class ClusterStateStore:
 
 
 class LeaseRenewer:
-    """Renews the holder's lease in the background; sets :attr:`lost` if a renewal is refused."""
+    """Renews the holder's lease in the background; sets :attr:`lost` if a renewal is refused.
 
-    def __init__(self, store: ClusterStateStore, holder: str, lease_seconds: float, interval_seconds: float) -> None:
+    ``max_hold_seconds`` bounds the renewals: a holder whose step hangs (a stuck ``kubeadm init``) stops
+    renewing, its lease runs out and another node may take over under the takeover rule.
+    """
+
+    def __init__(
+        self,
+        store: ClusterStateStore,
+        holder: str,
+        lease_seconds: float,
+        interval_seconds: float,
+        max_hold_seconds: float | None = None,
+    ) -> None:
         self.store = store
         self.holder = holder
         self.lease_seconds = lease_seconds
         self.interval = interval_seconds
+        self.hold_until = None if max_hold_seconds is None else time.monotonic() + max_hold_seconds
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lease-renewer-{holder}", daemon=True)
@@ -290,6 +302,10 @@ class LeaseRenewer:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
+            if self.hold_until is not None and time.monotonic() > self.hold_until:
+                log(LOG, 40, "held the lock longer than allowed; no more renewals", holder=self.holder)
+                self.lost.set()
+                return
             try:
                 ok = self.store.renew(self.holder, self.lease_seconds)
             except Exception as err:  # a transient API error: try again next tick, the lease still runs

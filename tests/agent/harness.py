@@ -105,3 +105,11 @@ class EmulatedNode:
             etcd_for=etcd_for or MembershipEtcd,
             probe=listening,
         )
+
+    def terminate(self, aws: dict[str, Any], api: SimulatedApiServer) -> None:
+        """The instance dies: its etcd is killed, EC2 says terminated, the API server forgets its endpoint."""
+        self.runner.kill()
+        aws["ec2"].terminate_instances(InstanceIds=[self.identity.instance_id])
+        with api.lock:
+            api.etcd_endpoints.pop(self.identity.node_name, None)
+            api.nodes.pop(self.identity.node_name, None)

@@ -91,9 +91,7 @@ def test_a_node_reusing_a_dead_members_ip_removes_it_then_joins_as_a_promoted_le
     cluster_nodes += [EmulatedNode(aws, tmp_path, api, cfg) for _ in range(3)]
     assert all(o.ok for o in _launch_all(cluster_nodes))
     victim = cluster_nodes[2]
-    victim.runner.kill()
-    aws["ec2"].terminate_instances(InstanceIds=[victim.identity.instance_id])
-    api.etcd_endpoints.pop(victim.identity.node_name)
+    victim.terminate(aws, api)
     # The replacement gets the same private IP (EC2 reuses addresses); its instance ID differs.
     new = EmulatedNode(aws, tmp_path, api, cfg, ip=victim.identity.private_ip)
     cluster_nodes.append(new)

@@ -160,3 +160,16 @@ def test_the_renewer_keeps_the_lease_and_reports_when_it_is_lost(aws: dict[str, 
             time.sleep(0.05)
         with pytest.raises(LeaseLostError):
             renewer.check()
+
+
+def test_a_hung_holder_stops_renewing_after_its_maximum_hold_time(aws: dict[str, Any]) -> None:
+    store = _store(aws)
+    assert store.try_acquire("i-a", 0.4)
+    with LeaseRenewer(store, "i-a", lease_seconds=0.4, interval_seconds=0.1, max_hold_seconds=0.5) as renewer:
+        time.sleep(0.3)
+        assert not store.try_acquire("i-b", 0.4), "renewed while within its hold time"
+        deadline = time.time() + 3
+        while not store.try_acquire("i-b", 0.4):
+            assert time.time() < deadline, "the lease never ran out"
+            time.sleep(0.05)
+        assert renewer.lost.is_set()
