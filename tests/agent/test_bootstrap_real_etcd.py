@@ -83,6 +83,7 @@ def _get_prefix(node: EmulatedNode, prefix: str = "/registry/test/") -> dict[str
     return dict(zip(lines[0::2], lines[1::2], strict=True))
 
 
+@pytest.mark.slow  # etcd refuses reconfiguration until peers were connected for 5 s
 def test_a_node_reusing_a_dead_members_ip_removes_it_then_joins_as_a_promoted_learner(
     aws: dict[str, Any], tmp_path: Path, cluster_nodes: list[EmulatedNode]
 ) -> None:
