@@ -319,13 +319,16 @@ class Agent:
         join = self.secrets.read_join(self.config.join_secret_name)
         self._load_lambda_client_tls()
         etcd = self.etcd_for(self.lambda_client_tls)
-        endpoints = self._endpoints(state)
+        endpoints = self._join_endpoints(state)
         place_pki_on_disk(pki, self.settings.pki_dir)
+        # A stale learner/unstarted member with my peer URL (an earlier instance with my IP died mid-join)
+        # would itself count as "a change in flight": remove it first; that removal never affects quorum.
+        stale = [m for m in etcd.members(endpoints) if self.peer_url in m.peer_urls and m.name != self.node_name]
+        if stale and (stale[0].is_learner or not stale[0].started):
+            self._remove_stale(etcd, endpoints)
         self._wait("no other etcd membership change in flight",
                    lambda: not etcd.membership_change_in_progress(endpoints))  # fmt: skip
-        removed = etcd.remove_stale_member(endpoints, self.peer_url, keep_name=self.node_name)
-        if removed:
-            log(LOG, 30, "removed a stale member with my peer URL", member_id=removed, peer_url=self.peer_url)
+        self._remove_stale(etcd, endpoints)
         path = self._write("kubeadm-join.yaml", join_configuration_yaml(
             self.config, self.identity, join.token, join.ca_cert_hash, control_plane=True))  # fmt: skip
         try:
@@ -336,6 +339,21 @@ class Agent:
             raise
         self._record_membership(state.generation, etcd, [*endpoints, self.client_url])
         return "joined"
+
+    def _remove_stale(self, etcd: EtcdAccess, endpoints: Sequence[str]) -> None:
+        removed = etcd.remove_stale_member(endpoints, self.peer_url, keep_name=self.node_name)
+        if removed:
+            log(LOG, 30, "removed a stale member with my peer URL", member_id=removed, peer_url=self.peer_url)
+
+    def _join_endpoints(self, state: ClusterState) -> list[str]:
+        """The recorded members' client URLs, then those of running control-plane instances (if the record lags)."""
+        recorded = self._endpoints(state)
+        try:
+            live = self._live_control_plane_endpoints()
+        except Exception as err:  # EC2 unavailable: the recorded endpoints alone
+            log(LOG, 30, "could not list control-plane instances", error=str(err))
+            live = []
+        return recorded + [u for u in live if u not in recorded and u != self.client_url]
 
     def _withdraw_own_member(self, etcd: EtcdAccess, endpoints: Sequence[str]) -> None:
         """A failed join must not leave its learner behind: it would block every later join (invariant 4a).

@@ -10,6 +10,7 @@ from typing import Any
 from node_agent.bootstrap import Agent
 from node_agent.config import AgentConfig
 from node_agent.election import Attempt, ClusterStateStore, Phase
+from node_agent.etcd import Member
 from node_agent.instance import InstanceIdentity
 from node_agent.lifecycle import RecordingLaunchHook
 from tests.agent.conftest import REGION, config_values
@@ -242,3 +243,33 @@ def test_an_unrecorded_live_control_plane_member_blocks_disaster_recovery(aws: d
     )["Instances"][0]
     cluster.add("i-unrecorded.eu-west-1.compute.internal", unrecorded["PrivateIpAddress"])
     assert not newcomer._dr_needed(state), "something answers: never restore beside it"
+
+
+def test_a_stale_unstarted_learner_with_my_ip_does_not_block_my_join(aws: dict[str, Any], tmp_path: Path) -> None:
+    cluster = FakeEtcdCluster()
+    first, _, _ = _agent(aws, tmp_path, _moto_instance(aws), cluster)
+    assert first.run_launch().ok
+    # An earlier instance with this IP died after kubeadm added its learner, before it ever started.
+    with cluster.lock:
+        cluster.members["99"] = Member("99", "", ("https://10.9.9.8:2380",), (), is_learner=True)
+    agent, hook, _ = _agent(aws, tmp_path, InstanceIdentity("i-0aaaabbbbccccdddd", "10.9.9.8", REGION), cluster,
+                            health_timeout_seconds=1.0)  # fmt: skip
+    assert agent.run_launch().action == "joined"
+    assert "99" not in cluster.members
+    assert hook.calls == [("CONTINUE", "joined")]
+
+
+def test_someone_elses_learner_makes_me_wait_and_abandon_rather_than_join_beside_it(
+    aws: dict[str, Any], tmp_path: Path
+) -> None:
+    cluster = FakeEtcdCluster()
+    first, _, _ = _agent(aws, tmp_path, _moto_instance(aws), cluster)
+    assert first.run_launch().ok
+    with cluster.lock:
+        cluster.members["98"] = Member("98", "i-other.x", ("https://10.9.9.7:2380",), ("https://10.9.9.7:2379",), True)
+    agent, hook, runner = _agent(aws, tmp_path, _moto_instance(aws), cluster, health_timeout_seconds=0.5)
+    outcome = agent.run_launch()
+    assert not outcome.ok and "no other etcd membership change in flight" in outcome.reason
+    assert hook.result == "ABANDON"
+    assert runner.commands("kubeadm join") == [], "one membership change at a time (invariant 4a)"
+    assert "98" in cluster.members
