@@ -65,11 +65,14 @@ def _agents(aws: dict[str, Any], tmp: Path, cfg: AgentConfig, cluster: FakeEtcdC
     return out
 
 
-def _run_concurrently(agents: list[Agent], rng: random.Random) -> list[LaunchOutcome]:
+def _run_concurrently(agents: list[Agent], rng: random.Random, head_start: int | None = None) -> list[LaunchOutcome]:
+    """Start all agents at once with random jitter; ``head_start`` lets one start 40-60 ms before the others."""
     results: list[LaunchOutcome | None] = [None] * len(agents)
+    delays = [rng.uniform(0, 0.03) + (0 if head_start in (None, i) else rng.uniform(0.04, 0.06))
+              for i in range(len(agents))]  # fmt: skip
 
     def go(i: int) -> None:
-        time.sleep(rng.uniform(0, 0.03))
+        time.sleep(delays[i])
         results[i] = agents[i].run_launch()
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(agents))]
@@ -116,3 +119,33 @@ def test_a_late_node_never_initialises_again(aws: dict[str, Any], tmp_path: Path
     assert set(store.read_pki(cfg.pki_secret_name)) >= {"ca.crt", "etcd/ca.key", "sa.pub"}
     assert store.read_join(cfg.join_secret_name).ca_cert_hash.startswith("sha256:")
     assert set(store.read_json(cfg.etcd_client_secret_name, ("ca", "cert", "key"))) == {"ca", "cert", "key"}
+
+
+def test_randomized_starts_where_one_node_fails_its_init_still_give_exactly_one_cluster(
+    aws: dict[str, Any], tmp_path: Path
+) -> None:
+    """A node whose ``kubeadm init`` fails abandons; the others take over its half state (its instance is gone
+    from EC2, nothing listens) and exactly one of them initialises."""
+    rng = random.Random(7)
+    abandoned = 0
+    for trial in range(15):
+        cfg = _trial_config(100 + trial)
+        _create_table(aws, cfg.cluster_state_table)
+        cluster = FakeEtcdCluster()
+        nodes = _agents(aws, tmp_path / f"f{trial}", cfg, cluster)
+        flaky = rng.randrange(3)
+        nodes[flaky][2].fail["kubeadm init"] = "[wait-control-plane] timed out waiting for the API server"
+        outcomes = _run_concurrently([a for a, _, _ in nodes], rng, head_start=flaky if trial % 3 else None)
+        abandoned += not outcomes[flaky].ok
+
+        assert len(cluster.inits) == 1, (trial, outcomes)
+        assert [o.action for o in outcomes].count("initialised") == 1
+        for i, o in enumerate(outcomes):
+            if i != flaky:
+                assert o.ok, (trial, i, o)
+        if not outcomes[flaky].ok:
+            assert "timed out waiting for the API server" in outcomes[flaky].reason
+            assert nodes[flaky][1].calls == [("ABANDON", outcomes[flaky].reason)]
+        state = ClusterStateStore(aws["dynamodb"], cfg.cluster_state_table).read()
+        assert state.phase == Phase.INITIALISED and state.generation == 1
+    assert abandoned >= 5, "the failing node won the lock (and was taken over) in most head-start trials"
