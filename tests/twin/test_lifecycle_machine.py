@@ -1,0 +1,148 @@
+"""The twin's Auto Scaling lifecycle stand-in, transition by transition (no processes, no moto)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from twin.aws import LifecycleRefusedError
+from twin.lifecycle import (
+    IN_SERVICE,
+    PENDING_WAIT,
+    RETAINED,
+    TERMINATED,
+    TERMINATING_WAIT,
+    Group,
+    Hook,
+    Instance,
+    LifecycleMachine,
+)
+
+
+class FakeProvider:
+    def __init__(self) -> None:
+        self.launched: list[str] = []
+        self.events: list[str] = []
+        self.destroyed: list[str] = []
+
+    def launch(self, group: Group) -> tuple[str, str]:
+        iid = f"i-{len(self.launched):017x}"
+        self.launched.append(iid)
+        return iid, f"127.9.0.{len(self.launched)}"
+
+    def terminating(self, inst: Instance, group: Group, hook: Hook) -> None:
+        self.events.append(inst.instance_id)
+
+    def destroy(self, inst: Instance) -> None:
+        self.destroyed.append(inst.instance_id)
+
+
+def machine(*, term_timeout: float = 60, default: str = "CONTINUE", retain: bool = True,
+            launch_timeout: float = 60) -> tuple[LifecycleMachine, FakeProvider]:  # fmt: skip
+    g = Group("cp-0", "control-plane", "a", "subnet-1", 1, Hook("launch", launch_timeout, "ABANDON"),
+              Hook("term", term_timeout, default), retain)  # fmt: skip
+    p = FakeProvider()
+    m = LifecycleMachine([g], p)
+    m.tick()
+    return m, p
+
+
+def in_service(m: LifecycleMachine) -> Instance:
+    inst = m.snapshot()[0]
+    m.complete_action("cp-0", "launch", inst.instance_id, "", "CONTINUE")
+    return inst
+
+
+def test_launch_waits_in_pending_wait_until_the_agent_continues() -> None:
+    m, p = machine()
+    inst = m.snapshot()[0]
+    assert inst.state == PENDING_WAIT and len(p.launched) == 1
+    m.tick()
+    assert len(p.launched) == 1, "an instance in Pending:Wait holds the group's capacity"
+    m.complete_action("cp-0", "launch", inst.instance_id, inst.hook_token, "CONTINUE")
+    assert inst.state == IN_SERVICE
+
+
+def test_terminate_waits_for_the_hook_then_terminates_and_replaces() -> None:
+    m, p = machine()
+    inst = in_service(m)
+    m.terminate_in_group(inst.instance_id)
+    assert inst.state == TERMINATING_WAIT and p.events == [inst.instance_id] and not p.destroyed
+    m.tick()
+    assert len(p.launched) == 1, "no replacement while the old instance is in Terminating:Wait"
+    m.complete_action("cp-0", "term", inst.instance_id, inst.hook_token, "CONTINUE")
+    assert inst.state == TERMINATED and p.destroyed == [inst.instance_id]
+    m.tick()
+    assert len(p.launched) == 2
+
+
+def test_abandon_with_retain_on_abandon_leaves_the_instance_running_and_replaces_it() -> None:
+    m, p = machine(retain=True)
+    inst = in_service(m)
+    m.terminate_in_group(inst.instance_id)
+    m.complete_action("cp-0", "term", inst.instance_id, "", "ABANDON")
+    assert inst.state == RETAINED and not p.destroyed
+    m.tick()
+    assert len(p.launched) == 2
+
+
+def test_abandon_without_retention_still_terminates() -> None:
+    m, p = machine(retain=False)
+    inst = in_service(m)
+    m.terminate_in_group(inst.instance_id)
+    m.complete_action("cp-0", "term", inst.instance_id, "", "ABANDON")
+    assert inst.state == TERMINATED and p.destroyed == [inst.instance_id]
+
+
+def test_an_abandoned_launch_goes_through_the_terminate_hook() -> None:
+    m, p = machine()
+    inst = m.snapshot()[0]
+    m.complete_action("cp-0", "launch", inst.instance_id, "", "ABANDON")
+    assert inst.state == TERMINATING_WAIT and p.events == [inst.instance_id]
+
+
+def test_heartbeat_timeout_applies_the_default_result_and_heartbeats_extend_it() -> None:
+    m, p = machine(term_timeout=0.3, default="CONTINUE")
+    inst = in_service(m)
+    m.terminate_in_group(inst.instance_id)
+    time.sleep(0.2)
+    m.heartbeat("cp-0", "term", inst.instance_id, inst.hook_token)
+    time.sleep(0.2)
+    m.tick()
+    assert inst.state == TERMINATING_WAIT, "the heartbeat restarted the timeout"
+    time.sleep(0.25)
+    m.tick()
+    assert inst.state == TERMINATED and inst.terminate_result == "CONTINUE"
+
+
+def test_launch_hook_timeout_abandons() -> None:
+    m, _ = machine(launch_timeout=0.05)
+    inst = m.snapshot()[0]
+    time.sleep(0.1)
+    m.tick()
+    assert inst.launch_result == "ABANDON" and inst.state == TERMINATING_WAIT
+
+
+@pytest.mark.parametrize(
+    ("hook", "token", "why"),
+    [("term", "", "no terminate action is pending"), ("launch", "bad-token", "wrong token")],
+)
+def test_completing_an_action_that_is_not_pending_is_refused(hook: str, token: str, why: Any) -> None:
+    m, _ = machine()
+    inst = m.snapshot()[0]
+    with pytest.raises(LifecycleRefusedError, match="No active Lifecycle Action"):
+        m.complete_action("cp-0", hook, inst.instance_id, token, "CONTINUE")
+    assert inst.state == PENDING_WAIT, why
+
+
+def test_a_second_completion_after_termination_is_refused() -> None:
+    m, _ = machine()
+    inst = in_service(m)
+    m.terminate_in_group(inst.instance_id)
+    m.complete_action("cp-0", "term", inst.instance_id, "", "CONTINUE")
+    with pytest.raises(LifecycleRefusedError):
+        m.complete_action("cp-0", "term", inst.instance_id, "", "CONTINUE")
+    with pytest.raises(LifecycleRefusedError):
+        m.terminate_in_group(inst.instance_id)
