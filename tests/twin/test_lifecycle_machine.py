@@ -114,7 +114,7 @@ def test_heartbeat_timeout_applies_the_default_result_and_heartbeats_extend_it()
     assert inst.state == TERMINATING_WAIT, "the heartbeat restarted the timeout"
     time.sleep(0.25)
     m.tick()
-    assert inst.state == TERMINATED and inst.terminate_result == "CONTINUE"
+    assert inst.state == TERMINATED and inst.terminate_result == "CONTINUE" and p.destroyed == [inst.instance_id]
 
 
 def test_launch_hook_timeout_abandons() -> None:

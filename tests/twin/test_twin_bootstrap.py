@@ -26,8 +26,11 @@ def test_moto_ec2_mirrors_the_twins_instances(real_twin: Twin) -> None:
     ec2 = real_twin.aws.client("ec2")
     cfg = real_twin.cfg
     found = {}
-    for r in ec2.describe_instances(Filters=[{"Name": f"tag:{cfg.CLUSTER_TAG_KEY}", "Values": [cfg.cluster_name]},
-                                             {"Name": "instance-state-name", "Values": ["running"]}])["Reservations"]:  # fmt: skip
+    filters = [
+        {"Name": f"tag:{cfg.CLUSTER_TAG_KEY}", "Values": [cfg.cluster_name]},
+        {"Name": "instance-state-name", "Values": ["running"]},
+    ]
+    for r in ec2.describe_instances(Filters=filters)["Reservations"]:  # fmt: skip
         for i in r["Instances"]:
             found[i["InstanceId"]] = (i["PrivateIpAddress"], {t["Key"]: t["Value"] for t in i["Tags"]})
     twin_view = {i.instance_id: i for i in real_twin.machine.snapshot()}  # type: ignore[union-attr]
