@@ -150,6 +150,20 @@ class LifecycleMachine:
             self._start_terminating(inst, cause="terminate-in-group")
             return inst.group
 
+    def fail_instance(self, instance_id: str) -> None:
+        """The instance dies out of band (hardware, an AZ, an operator's ``ec2 terminate-instances``): no hook runs;
+        the group notices and replaces it (the chaos run's quorum-destroying scenario)."""
+        with self.lock:
+            inst = self.get(instance_id)
+            if inst.state in (TERMINATED,):
+                return
+            inst.terminating_at = time.time()
+            self.on_event("termination", instance_id=inst.instance_id, group=inst.group, role=inst.role,
+                          cause="instance-failure")  # fmt: skip
+            self.provider.destroy(inst)
+            inst.ended_at = time.time()
+            self._set(inst, TERMINATED, result="instance-failure")
+
     def _start_terminating(self, inst: Instance, cause: str) -> None:
         group = self.groups[inst.group]
         inst.terminating_at = time.time()
