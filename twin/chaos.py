@@ -55,12 +55,19 @@ class ChaosResult:
     runtime_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"seed": self.seed, "requested": self.count, **summarize(self.replacements),
-                "violations": len(self.violations), "acked_writes": self.acked_writes,
-                "failed_writes": self.failed_writes, "lost_writes": self.lost_writes,
-                "lost_by_design_after_dr": self.lost_by_design,
-                "dr_restores": self.dr_restores, "scenarios": self.scenarios,
-                "runtime_s": round(self.runtime_s, 1)}  # fmt: skip
+        return {
+            "seed": self.seed,
+            "requested": self.count,
+            **summarize(self.replacements),
+            "violations": len(self.violations),
+            "acked_writes": self.acked_writes,
+            "failed_writes": self.failed_writes,
+            "lost_writes": self.lost_writes,
+            "lost_by_design_after_dr": self.lost_by_design,
+            "dr_restores": self.dr_restores,
+            "scenarios": self.scenarios,
+            "runtime_s": round(self.runtime_s, 1),
+        }
 
 
 class Chaos:
@@ -83,8 +90,9 @@ class Chaos:
     def _check_sample(self, s: Sample) -> None:
         self.twin._on_sample(s)
         if not s.quorum and not (self.quorum_exempt_from <= s.t <= self.quorum_exempt_until):
-            self.result.violations.append(f"{s.t:.2f}: quorum lost: {s.healthy_voters}/{s.voters} healthy, "
-                                          f"leader={s.leader or 'none'}")  # fmt: skip
+            self.result.violations.append(
+                f"{s.t:.2f}: quorum lost: {s.healthy_voters}/{s.voters} healthy, leader={s.leader or 'none'}"
+            )
         limit = self.twin.options.removal_deadline_seconds + self.twin.options.terminate_hook_timeout + 15
         for inst in self.twin.machine.snapshot():  # type: ignore[union-attr]
             if inst.state in WAIT_STATES and inst.history and s.t - inst.history[-1][0] > limit:
@@ -205,9 +213,11 @@ class Chaos:
             self.result.replacements.append(rep)
             self.result.scenarios[name] = self.result.scenarios.get(name, 0) + 1
             done += len(rep.terminated)
-            self.progress(f"[chaos] {rep.label}: {'healthy' if rep.ok else 'NOT CONVERGED'} after "
-                          f"{rep.seconds or -1:.1f}s, fewest healthy voters {rep.min_healthy_voters}, "
-                          f"{done}/{count} replaced, {len(self.writer.acked)} writes acked")  # fmt: skip
+            self.progress(
+                f"[chaos] {rep.label}: {'healthy' if rep.ok else 'NOT CONVERGED'} after "
+                f"{rep.seconds or -1:.1f}s, fewest healthy voters {rep.min_healthy_voters}, "
+                f"{done}/{count} replaced, {len(self.writer.acked)} writes acked"
+            )
             if not rep.ok:
                 break
         self.writer.stop()
@@ -236,16 +246,26 @@ class Chaos:
         self.result.violations.extend(problems[:50])
 
 
-def run_chaos(count: int, seed: int, *, dr: bool = False, progress: Any = print,
-              report: Path | None = None) -> ChaosResult:  # fmt: skip
+def run_chaos(
+    count: int, seed: int, *, dr: bool = False, progress: Any = print, report: Path | None = None
+) -> ChaosResult:
     options = TwinOptions(workers=0, snapshot_every_seconds=2.0 if dr else 0.0, terminate_hook_timeout=8.0)
     with Twin(options, progress=lambda line: None) as twin:
         result = Chaos(twin, seed, progress=progress, dr=dr).run(count)
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps({"summary": result.summary(), "violations": result.violations,
-                                          "replacements": [asdict(r) for r in result.replacements],
-                                          "twin": twin.report()}, indent=2, default=str))  # fmt: skip
+            report.write_text(
+                json.dumps(
+                    {
+                        "summary": result.summary(),
+                        "violations": result.violations,
+                        "replacements": [asdict(r) for r in result.replacements],
+                        "twin": twin.report(),
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
             twin.timeline.plot(report.with_suffix(".png"), title=f"chaos seed={seed}")
     return result
 
@@ -258,9 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=Path("reports/chaos-report.json"))
     args = parser.parse_args(argv)
     t0 = time.monotonic()
-    result = run_chaos(args.count, args.seed, dr=args.dr,
-                       progress=lambda line: print(f"{time.monotonic() - t0:7.1f}s {line}", flush=True),
-                       report=args.report)  # fmt: skip
+    result = run_chaos(
+        args.count,
+        args.seed,
+        dr=args.dr,
+        progress=lambda line: print(f"{time.monotonic() - t0:7.1f}s {line}", flush=True),
+        report=args.report,
+    )
     print(json.dumps(result.summary(), indent=2))
     for v in result.violations:
         print(f"VIOLATION {v}")

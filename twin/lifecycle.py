@@ -158,8 +158,9 @@ class LifecycleMachine:
             if inst.state in (TERMINATED,):
                 return
             inst.terminating_at = time.time()
-            self.on_event("termination", instance_id=inst.instance_id, group=inst.group, role=inst.role,
-                          cause="instance-failure")  # fmt: skip
+            self.on_event(
+                "termination", instance_id=inst.instance_id, group=inst.group, role=inst.role, cause="instance-failure"
+            )
             self.provider.destroy(inst)
             inst.ended_at = time.time()
             self._set(inst, TERMINATED, result="instance-failure")

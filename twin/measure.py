@@ -54,7 +54,7 @@ def summarize(replacements: Sequence[Replacement]) -> dict[str, Any]:
         "survived": sum(1 for r in replacements if r.ok),
         "min_healthy_voters": min(
             (r.min_healthy_voters for r in replacements if r.min_healthy_voters is not None), default=None
-        ),  # fmt: skip
+        ),
         "quorum_lost_samples": sum(r.quorum_lost_samples for r in replacements),
         "time_to_healthy_median_s": round(statistics.median(times), 2) if times else None,
         "time_to_healthy_p95_s": round(p95, 2) if (p95 := percentile(times, 0.95)) is not None else None,
