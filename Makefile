@@ -7,7 +7,7 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 1
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: setup demo test lint typecheck pytest synth policy chaos benchmark clean
+.PHONY: setup demo twin-demo test lint typecheck pytest synth policy chaos benchmark clean
 
 setup: .venv/.stamp .venv-checkov/.stamp node_modules/.stamp .system.stamp
 
@@ -59,6 +59,17 @@ policy: setup
 
 demo: setup
 	@$(PY) -m scripts.synth_and_check
+	@$(PY) -m scripts.demo
+
+# The local cluster twin alone: bootstrap, the canary's rolling replacement, reports/demo-report.json + timeline.png.
+twin-demo: setup
+	@$(PY) -m scripts.demo
+
+# A long chaos run on the twin: make chaos N=500 SEED=7 (report in reports/chaos-report.json).
+N ?= 500
+SEED ?= 1
+chaos: setup
+	@$(PY) -m twin.chaos --count $(N) --seed $(SEED) --dr
 
 clean:
 	rm -rf cdk.out build reports .pytest_cache .mypy_cache .ruff_cache
