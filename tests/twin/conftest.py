@@ -12,6 +12,10 @@ import pytest
 from twin.cluster import Twin, TwinOptions
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "twin_options(**kwargs): TwinOptions for the real_twin fixture")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/twin/" in str(item.fspath).replace("\\", "/") and "real_twin" in getattr(item, "fixturenames", ()):

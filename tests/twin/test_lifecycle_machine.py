@@ -39,10 +39,19 @@ class FakeProvider:
         self.destroyed.append(inst.instance_id)
 
 
-def machine(*, term_timeout: float = 60, default: str = "CONTINUE", retain: bool = True,
-            launch_timeout: float = 60) -> tuple[LifecycleMachine, FakeProvider]:  # fmt: skip
-    g = Group("cp-0", "control-plane", "a", "subnet-1", 1, Hook("launch", launch_timeout, "ABANDON"),
-              Hook("term", term_timeout, default), retain)  # fmt: skip
+def machine(
+    *, term_timeout: float = 60, default: str = "CONTINUE", retain: bool = True, launch_timeout: float = 60
+) -> tuple[LifecycleMachine, FakeProvider]:
+    g = Group(
+        "cp-0",
+        "control-plane",
+        "a",
+        "subnet-1",
+        1,
+        Hook("launch", launch_timeout, "ABANDON"),
+        Hook("term", term_timeout, default),
+        retain,
+    )
     p = FakeProvider()
     m = LifecycleMachine([g], p)
     m.tick()

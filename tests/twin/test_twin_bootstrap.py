@@ -16,8 +16,10 @@ def test_three_control_planes_and_two_workers_bootstrap_with_exactly_one_initial
     # Every launch hook was completed by the agent itself (CONTINUE through the Auto Scaling API), not by a timeout.
     for inst in real_twin.machine.snapshot():  # type: ignore[union-attr]
         assert inst.state == IN_SERVICE and inst.launch_result == "CONTINUE"
-        assert any(e["kind"] == "hook" and e["instance_id"] == inst.instance_id and e["source"] == "complete"
-                   for e in real_twin.timeline.events)  # fmt: skip
+        assert any(
+            e["kind"] == "hook" and e["instance_id"] == inst.instance_id and e["source"] == "complete"
+            for e in real_twin.timeline.events
+        )
     assert took < 90
 
 
@@ -30,7 +32,7 @@ def test_moto_ec2_mirrors_the_twins_instances(real_twin: Twin) -> None:
         {"Name": f"tag:{cfg.CLUSTER_TAG_KEY}", "Values": [cfg.cluster_name]},
         {"Name": "instance-state-name", "Values": ["running"]},
     ]
-    for r in ec2.describe_instances(Filters=filters)["Reservations"]:  # fmt: skip
+    for r in ec2.describe_instances(Filters=filters)["Reservations"]:
         for i in r["Instances"]:
             found[i["InstanceId"]] = (i["PrivateIpAddress"], {t["Key"]: t["Value"] for t in i["Tags"]})
     twin_view = {i.instance_id: i for i in real_twin.machine.snapshot()}  # type: ignore[union-attr]
@@ -39,5 +41,6 @@ def test_moto_ec2_mirrors_the_twins_instances(real_twin: Twin) -> None:
         assert ip == twin_view[iid].ip and ip.startswith("127.")
         assert tags[cfg.ROLE_TAG_KEY] == twin_view[iid].role
     groups = real_twin.aws.client("autoscaling").describe_auto_scaling_groups(
-        AutoScalingGroupNames=list(cfg.control_plane_group_names))["AutoScalingGroups"]  # fmt: skip
+        AutoScalingGroupNames=list(cfg.control_plane_group_names)
+    )["AutoScalingGroups"]
     assert sorted(len(g["Instances"]) for g in groups) == [1, 1, 1]
