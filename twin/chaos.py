@@ -10,6 +10,10 @@ call is dropped once, the event is redelivered); a lost lifecycle event (the hoo
 reconciler removes the member); a node that fails to join (ABANDON, terminated, replaced); and, by design
 destroying quorum, every control-plane instance lost at once (disaster recovery from the latest snapshot:
 only writes acknowledged before that snapshot are required).
+
+Not here: a replacement that reuses its predecessor's private IP. moto 5.2.5 never frees a terminated
+instance's private IP ("IP already in use"), so the twin cannot mirror a reused IP into EC2 honestly; the
+agent's real-etcd tests cover the stale member with the same peer URL.
 """
 
 from __future__ import annotations

@@ -116,7 +116,6 @@ class Twin:
         self.procs: dict[str, Proc] = {}
         self.used_ips: set[str] = set()
         self.next_launch_fail: dict[str, dict[str, str]] = {}  # role -> emulator failure for the next launch
-        self.reuse_ip_next: str | None = None
         self.lose_events_for: set[str] = set()
         self.lost_events: list[str] = []
         self.reconciler_enabled = True
@@ -240,9 +239,6 @@ class Twin:
 
     # -- the Provider the state machine calls ---------------------------------------------------------------
     def _allocate_ip(self, group: Group) -> str:
-        if self.reuse_ip_next is not None and group.role == "control-plane":
-            ip, self.reuse_ip_next = self.reuse_ip_next, None
-            return ip
         assert self.cloud is not None
         base = 64 * list(self.cloud.subnets).index(group.zone)
         rng = random.SystemRandom()
