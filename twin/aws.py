@@ -7,6 +7,9 @@ moto unchanged, except for the three Auto Scaling calls whose behaviour moto 5.2
 * ``CompleteLifecycleAction`` and ``RecordLifecycleActionHeartbeat`` (moto raises NotImplementedError),
 * ``TerminateInstanceInAutoScalingGroup`` (moto terminates at once, with no Terminating:Wait),
 
+and it rewrites the ``LifecycleState`` of each instance in moto's ``DescribeAutoScalingInstances`` /
+``DescribeAutoScalingGroups`` answers with the state machine's (moto always says InService).
+
 which go to the twin's lifecycle state machine (:mod:`twin.lifecycle`) and are answered in the AWS query
 protocol's XML, including AWS's ``ValidationError`` for an action that is not pending. So the agent's
 ``AutoScalingLaunchHook`` and the Lambda's completion call run their production code paths unchanged.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,6 +56,7 @@ class LifecycleBackend(Protocol):
     def complete_action(self, group: str, hook: str, instance_id: str, token: str, result: str) -> None: ...
     def heartbeat(self, group: str, hook: str, instance_id: str, token: str) -> None: ...
     def terminate_in_group(self, instance_id: str, decrement: bool) -> str: ...
+    def lifecycle_state(self, instance_id: str) -> str | None: ...
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -99,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _forward(self, body: bytes) -> None:
+    def _forward(self, body: bytes, rewrite_states: bool = False) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.server.moto_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
         target = self.headers.get("X-Amz-Target", "")
@@ -114,7 +119,22 @@ class _Handler(BaseHTTPRequestHandler):
             if lock is not None:
                 lock.release()
             conn.close()
+        if rewrite_states and resp.status == 200:
+            data = self._with_lifecycle_states(data)
         self._reply(resp.status, data, resp.getheaders())
+
+    def _with_lifecycle_states(self, data: bytes) -> bytes:
+        text = data.decode()
+
+        def one(m: re.Match[str]) -> str:
+            block = m.group(0)
+            iid = re.search(r"<InstanceId>([^<]+)</InstanceId>", block)
+            state = self.server.backend.lifecycle_state(iid.group(1)) if iid else None
+            if state is None:
+                return block
+            return re.sub(r"<LifecycleState>[^<]*</LifecycleState>", f"<LifecycleState>{state}</LifecycleState>", block)
+
+        return re.sub(r"<member>(?:(?!<member>).)*?<LifecycleState>.*?</member>", one, text, flags=re.S).encode()
 
     def _xml(self, action: str, result: str = "") -> None:
         rid = uuid.uuid4()
@@ -180,6 +200,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "POST" and body[:7] == b"Action=":
             params = dict(urllib.parse.parse_qsl(body.decode(), keep_blank_values=True))
             if self._lifecycle(params.get("Action", ""), params):
+                return
+            if params.get("Action") in ("DescribeAutoScalingInstances", "DescribeAutoScalingGroups"):
+                self._forward(body, rewrite_states=True)
                 return
         self._forward(body)
 

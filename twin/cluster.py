@@ -60,6 +60,13 @@ FAST_AGENT = {
 }
 
 
+def cold_start_lambdas() -> None:
+    """Forget imported Lambda modules so this twin's handlers import afresh (a new deployment's cold start):
+    clients or secrets a handler module caches at import time then belong to this twin's AWS endpoint."""
+    for name in [m for m in sys.modules if m == "lambdas" or m.startswith("lambdas.")]:
+        del sys.modules[name]
+
+
 @dataclass(frozen=True)
 class TwinOptions:
     cluster_name: str = "twin"
@@ -156,6 +163,7 @@ class Twin:
         self.api_file = self.root / "apiserver.json"
         self.api = FileApiServer(self.api_file)
         self._undo_env = MotoAws.apply_environment({**self.aws.environment(), **self.lambda_environment()})
+        cold_start_lambdas()
         self.machine = LifecycleMachine(groups, provider=self, on_event=self._on_event)
         self.delivery = QueueDelivery(
             self.aws.client("sqs"),
@@ -230,6 +238,12 @@ class Twin:
     def terminate_in_group(self, instance_id: str, decrement: bool) -> str:
         assert self.machine is not None
         return self.machine.terminate_in_group(instance_id, decrement)
+
+    def lifecycle_state(self, instance_id: str) -> str | None:
+        assert self.machine is not None
+        with self.machine.lock:
+            inst = self.machine.instances.get(instance_id)
+        return inst.state if inst is not None else None
 
     def terminate(self, instance_id: str) -> None:
         """What ``aws autoscaling terminate-instance-in-auto-scaling-group --no-should-decrement...`` does."""

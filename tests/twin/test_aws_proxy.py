@@ -15,6 +15,7 @@ from twin.aws import LifecycleRefusedError, MotoAws
 class RecordingBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.states: dict[str, str] = {}
 
     def complete_action(self, group: str, hook: str, instance_id: str, token: str, result: str) -> None:
         if instance_id == "i-unknown":
@@ -27,6 +28,9 @@ class RecordingBackend:
     def terminate_in_group(self, instance_id: str, decrement: bool) -> str:
         self.calls.append(("terminate", instance_id, decrement))
         return "grp"
+
+    def lifecycle_state(self, instance_id: str) -> str | None:
+        return self.states.get(instance_id)
 
 
 @pytest.fixture
@@ -93,3 +97,29 @@ def test_everything_else_is_moto(aws: tuple[MotoAws, RecordingBackend]) -> None:
     assert err.value.response["Error"]["Code"] == "ConditionalCheckFailedException"
     assert server.client("autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"] == []
     assert backend.calls == []
+
+
+def test_moto_group_answers_carry_the_state_machines_lifecycle_states(aws: tuple[MotoAws, RecordingBackend]) -> None:
+    server, backend = aws
+    ec2, asg = server.client("ec2"), server.client("autoscaling")
+    ec2.create_launch_template(LaunchTemplateName="ltx", LaunchTemplateData={"ImageId": "ami-12c6146b"})
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName="g",
+        MinSize=0,
+        MaxSize=2,
+        DesiredCapacity=0,
+        LaunchTemplate={"LaunchTemplateName": "ltx"},
+        AvailabilityZones=["eu-west-1a"],
+    )
+    ids = [i["InstanceId"] for i in ec2.run_instances(ImageId="ami-12c6146b", MinCount=2, MaxCount=2)["Instances"]]
+    asg.attach_instances(InstanceIds=ids, AutoScalingGroupName="g")
+    backend.states[ids[0]] = "Terminating:Wait"
+    by_group = {
+        i["InstanceId"]: i["LifecycleState"]
+        for i in asg.describe_auto_scaling_groups(AutoScalingGroupNames=["g"])["AutoScalingGroups"][0]["Instances"]
+    }
+    by_instance = {
+        i["InstanceId"]: i["LifecycleState"]
+        for i in asg.describe_auto_scaling_instances(InstanceIds=ids)["AutoScalingInstances"]
+    }
+    assert by_group == by_instance == {ids[0]: "Terminating:Wait", ids[1]: "InService"}
