@@ -358,6 +358,15 @@ class Twin:
         self.aws.client("sqs").send_message(QueueUrl=self.cloud.events_queue_url, MessageBody=json.dumps(event))
 
     def destroy(self, inst: Instance) -> None:
+        if inst.role == "control-plane":  # was the member removed before the instance went away?
+            obs = self.observer()
+            names = [m.name for m in obs.members(self.etcd_endpoints())] if obs else []
+            self._on_event(
+                "destroy",
+                instance_id=inst.instance_id,
+                observed=bool(names),
+                still_member=any(n.startswith(inst.instance_id) for n in names),
+            )
         proc = self.procs.get(inst.instance_id)
         if proc is not None:
             self._kill(proc)
