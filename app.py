@@ -25,10 +25,12 @@ def build_app(app: cdk.App) -> cdk.App:
     config = ClusterConfig.from_context(app.node.try_get_context)
     env = cdk.Environment(account=config.account, region=config.region)
     iam = IamStack(app, "IamStack", config=config, env=env, stack_name=f"{config.resource_prefix}-iam")
-    cluster = K8sClusterStack(app, "K8sClusterStack", config=config, env=env, stack_name=f"{config.resource_prefix}-cluster")
+    cluster = K8sClusterStack(
+        app, "K8sClusterStack", config=config, env=env, stack_name=f"{config.resource_prefix}-cluster"
+    )
     # The cluster stack uses IamStack's roles by name (no CloudFormation exports, so IamStack can
     # change without blocking on imports); the dependency keeps `cdk deploy` ordering right.
-    cluster.add_dependency(iam)
+    cluster.add_stack_dependency(iam)
     apply_policy_checks(app)
     return app
 

@@ -308,11 +308,15 @@ class _Parser:
         ami = self.string("ami", f"/dedicated-k8s/ami/kubernetes-{'-'.join(version.split('.')[:2])}")
         assert ami is not None
         if not (_AMI_ID.match(ami) or _SSM_NAME.match(ami)):
-            self.bad("ami", ami, "must be an AMI ID ('ami-0123456789abcdef0') or an SSM parameter name starting with '/'")
+            self.bad(
+                "ami", ami, "must be an AMI ID ('ami-0123456789abcdef0') or an SSM parameter name starting with '/'"
+            )
 
         tenancy = self.string("tenancy", "dedicated") or "dedicated"
         if tenancy not in TENANCIES:
-            hint = " ('host' needs a host resource group that this product does not manage)" if tenancy == "host" else ""
+            hint = (
+                " ('host' needs a host resource group that this product does not manage)" if tenancy == "host" else ""
+            )
             self.bad("tenancy", tenancy, f"must be one of {', '.join(TENANCIES)}{hint}")
 
         cp_type = self.string("controlPlaneInstanceType", "m6i.large") or "m6i.large"
@@ -351,7 +355,9 @@ class _Parser:
         for value in api_cidrs:
             network = self.cidr("apiAccessCidrs", value)
             if network is not None and network.prefixlen == 0:
-                self.bad("apiAccessCidrs", value, "the API server is internal; open it to named networks, never 0.0.0.0/0")
+                self.bad(
+                    "apiAccessCidrs", value, "the API server is internal; open it to named networks, never 0.0.0.0/0"
+                )
 
         interval = self.integer("snapshotIntervalMinutes", 30, 5, 1440)
         retention = self.integer("snapshotRetentionDays", 14, 1, 3650)
@@ -386,7 +392,9 @@ class _Parser:
 
     def _unknown_keys(self) -> list[str]:
         # CDK's context also carries its own feature flags (``@aws-cdk/...``); those are not ours.
-        return [k for k in self._given_keys if not k.startswith(("@aws-cdk", "aws-cdk", "cdk")) and k not in CONTEXT_KEYS]
+        return [
+            k for k in self._given_keys if not k.startswith(("@aws-cdk", "aws-cdk", "cdk")) and k not in CONTEXT_KEYS
+        ]
 
     def _vpc(self, zones: tuple[str, ...]) -> VpcConfig:
         vpc_id = self.string("vpcId")
@@ -423,7 +431,8 @@ class _Parser:
             self.bad(
                 "privateRouteTableIds",
                 list(route_tables),
-                "must list the route table of each private subnet, in the same order (for the S3 and DynamoDB gateway endpoints)",
+                "must list the route table of each private subnet, in the same order "
+                "(for the S3 and DynamoDB gateway endpoints)",
             )
         for table in route_tables:
             if not _ROUTE_TABLE_ID.match(table):
@@ -435,7 +444,11 @@ class _Parser:
         if value is None:
             value = [{"name": "general", "instanceType": "m6i.large", "minSize": 2, "maxSize": 6, "desiredCapacity": 2}]
         if not isinstance(value, list) or not value:
-            self.bad("workerGroups", value, "must be a non-empty list of {name, instanceType, minSize, maxSize, desiredCapacity}")
+            self.bad(
+                "workerGroups",
+                value,
+                "must be a non-empty list of {name, instanceType, minSize, maxSize, desiredCapacity}",
+            )
             return ()
         groups: list[WorkerGroupConfig] = []
         names: set[str] = set()

@@ -1,0 +1,113 @@
+"""K8sClusterStack: the network, control plane, workers, cluster state, etcd lifecycle and observability."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aws_cdk as cdk
+from constructs import Construct
+
+from stages.cluster_state import ClusterState
+from stages.config import ClusterConfig
+from stages.control_plane import ControlPlane
+from stages.etcd_lifecycle import EtcdLifecycle
+from stages.network import ClusterNetwork
+from stages.observability import AlarmTopic, ClusterObservability
+from stages.security import ClusterSecurityGroups
+from stages.workers import Workers
+
+POD_CIDR = "192.168.0.0/16"
+SERVICE_CIDR = "10.96.0.0/12"
+
+
+class K8sClusterStack(cdk.Stack):
+    def __init__(self, scope: Construct, construct_id: str, *, config: ClusterConfig, **kwargs: Any) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        cdk.Tags.of(self).add(ClusterConfig.CLUSTER_TAG_KEY, config.cluster_name)
+        # The AWS cloud controller manager recognises the cluster's resources by this tag.
+        cdk.Tags.of(self).add(f"kubernetes.io/cluster/{config.cluster_name}", "owned")
+
+        state = ClusterState(self, "State", config=config)
+        network = ClusterNetwork(self, "Network", config=config, log_bucket=state.log_bucket)
+        security = ClusterSecurityGroups(self, "SecurityGroups", config=config, vpc=network.vpc)
+        alarm_topic = AlarmTopic(self, "AlarmTopic", config=config, key=state.key)
+
+        agent_config: dict[str, Any] = {
+            "clusterName": config.cluster_name,
+            "region": self.region,
+            "kubernetesVersion": config.kubernetes_version,
+            "apiPort": 6443,
+            "clusterStateTable": state.table.table_name,
+            "snapshotBucket": state.snapshot_bucket.bucket_name,
+            "kmsKeyId": state.key.key_arn,
+            "pkiSecretName": config.pki_secret_name,
+            "etcdClientSecretName": config.etcd_client_secret_name,
+            "joinSecretName": config.join_secret_name,
+            "snapshotIntervalMinutes": config.snapshot_interval_minutes,
+            "snapshotRetentionDays": config.snapshot_retention_days,
+            "launchHookName": "dk8s-launch",
+            "podCidr": POD_CIDR,
+            "serviceCidr": SERVICE_CIDR,
+        }
+        control_plane = ControlPlane(
+            self,
+            "ControlPlane",
+            config=config,
+            vpc=network.vpc,
+            subnets=network.subnets,
+            security_groups=security,
+            key=state.key,
+            log_bucket=state.log_bucket,
+            notification_topic=alarm_topic.topic,
+            agent_config=agent_config,
+        )
+        workers = Workers(
+            self,
+            "Workers",
+            config=config,
+            vpc=network.vpc,
+            subnets=network.subnets,
+            security_groups=security,
+            key=state.key,
+            notification_topic=alarm_topic.topic,
+            agent_config={**agent_config, "apiEndpoint": control_plane.api_endpoint},
+        )
+        lifecycle = EtcdLifecycle(
+            self,
+            "EtcdLifecycle",
+            config=config,
+            vpc=network.vpc,
+            subnets=network.subnets,
+            security_group=security.etcd_lambda,
+            key=state.key,
+        )
+        ClusterObservability(
+            self,
+            "Observability",
+            config=config,
+            topic=alarm_topic.topic,
+            lifecycle_function=lifecycle.lifecycle_function,
+            reconciler_function=lifecycle.reconciler_function,
+            dead_letter_queue=lifecycle.dead_letter_queue,
+        )
+
+        outputs = {
+            "ClusterName": config.cluster_name,
+            "ControlPlaneGroupNames": ",".join(config.control_plane_group_names),
+            "WorkerGroupNames": ",".join(config.worker_group_name(g) for g in config.worker_groups),
+            "ApiEndpoint": control_plane.api_endpoint,
+            "ClusterOpsFunctionName": lifecycle.ops_function.function_name,
+            "EtcdLifecycleFunctionName": lifecycle.lifecycle_function.function_name,
+            "SnapshotBucketName": state.snapshot_bucket.bucket_name,
+            "ClusterStateTableName": state.table.table_name,
+            "KmsKeyArn": state.key.key_arn,
+            "VpcId": network.vpc.vpc_id,
+            "AlarmTopicArn": alarm_topic.topic.topic_arn,
+        }
+        for key, value in outputs.items():
+            cdk.CfnOutput(self, key, value=value)
+        self.control_plane = control_plane
+        self.workers = workers
+        self.lifecycle = lifecycle
+        self.network = network
+        self.state = state

@@ -1,0 +1,171 @@
+"""EtcdLifecycle: the Lambdas that keep etcd membership in step with the control-plane instances.
+
+Terminate events go EventBridge -> SQS -> lifecycle Lambda. The queue is the retry mechanism: when a
+removal is not yet safe the Lambda heartbeats the hook and re-enqueues the event with a delay (no
+Lambda ever sleeps for minutes), and a crash simply redelivers the message.
+"""
+
+from __future__ import annotations
+
+import aws_cdk as cdk
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as sources
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from stages.config import ClusterConfig
+from stages.lambda_bundling import lambda_code
+from stages.nag import skip_checkov, suppress
+
+FUNCTION_TIMEOUT = cdk.Duration.seconds(60)
+RETRY_DELAY_SECONDS = 30
+# The terminate hook can be kept alive by heartbeats for up to 100 heartbeat timeouts or 48 hours;
+# past this deadline the Lambda abandons (the group retains the instance) and an alarm fires.
+REMOVAL_DEADLINE_SECONDS = 3600
+RECONCILE_EVERY = cdk.Duration.minutes(5)
+TERMINATE_EVENT = "EC2 Instance-terminate Lifecycle Action"
+
+
+class EtcdLifecycle(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: ClusterConfig,
+        vpc: ec2.IVpc,
+        subnets: list[ec2.ISubnet],
+        security_group: ec2.ISecurityGroup,
+        key: kms.IKey,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        queue_name = f"{config.resource_prefix}-etcd-lifecycle"
+        self.dead_letter_queue = sqs.Queue(
+            self,
+            "DeadLetterQueue",
+            queue_name=f"{queue_name}-dlq",
+            encryption=sqs.QueueEncryption.KMS,
+            encryption_master_key=key,
+            enforce_ssl=True,
+            retention_period=cdk.Duration.days(14),
+        )
+        suppress(self.dead_letter_queue, "AwsSolutions-SQS3", "this is the dead-letter queue")
+        self.queue = sqs.Queue(
+            self,
+            "Queue",
+            queue_name=queue_name,
+            encryption=sqs.QueueEncryption.KMS,
+            encryption_master_key=key,
+            enforce_ssl=True,
+            visibility_timeout=cdk.Duration.seconds(FUNCTION_TIMEOUT.to_seconds() * 6),
+            dead_letter_queue=sqs.DeadLetterQueue(queue=self.dead_letter_queue, max_receive_count=5),
+        )
+
+        environment = {
+            "CLUSTER_NAME": config.cluster_name,
+            "CLUSTER_TAG_KEY": ClusterConfig.CLUSTER_TAG_KEY,
+            "ROLE_TAG_KEY": ClusterConfig.ROLE_TAG_KEY,
+            "CONTROL_PLANE_GROUP_NAMES": ",".join(config.control_plane_group_names),
+            "ETCD_CLIENT_SECRET_NAME": config.etcd_client_secret_name,
+            "RETRY_QUEUE_URL": self.queue.queue_url,
+            "RETRY_DELAY_SECONDS": str(RETRY_DELAY_SECONDS),
+            "REMOVAL_DEADLINE_SECONDS": str(REMOVAL_DEADLINE_SECONDS),
+            "DESIRED_MEMBERS": str(config.control_plane_count),
+            "METRICS_NAMESPACE": "DedicatedK8s",
+        }
+        code = lambda_code()
+
+        def function(
+            logical_id: str, name: str, handler: str, role_name: str, *, concurrency: int | None, description: str
+        ) -> lambda_.Function:
+            log_group = logs.LogGroup(
+                self,
+                f"{logical_id}Logs",
+                log_group_name=f"/aws/lambda/{name}",
+                retention=logs.RetentionDays.THREE_MONTHS,
+                encryption_key=key,
+                removal_policy=cdk.RemovalPolicy.RETAIN,
+            )
+            created = lambda_.Function(
+                self,
+                logical_id,
+                function_name=name,
+                description=description,
+                runtime=lambda_.Runtime.PYTHON_3_14,
+                architecture=lambda_.Architecture.X86_64,
+                handler=handler,
+                code=code,
+                role=iam.Role.from_role_name(self, f"{logical_id}Role", role_name, mutable=False),
+                vpc=vpc,
+                vpc_subnets=ec2.SubnetSelection(subnets=subnets),
+                security_groups=[security_group],
+                environment=environment,
+                environment_encryption=key,
+                timeout=FUNCTION_TIMEOUT,
+                memory_size=256,
+                tracing=lambda_.Tracing.ACTIVE,
+                reserved_concurrent_executions=concurrency,
+                log_group=log_group,
+            )
+            skip_checkov(
+                created.node.default_child,  # type: ignore[arg-type]
+                [("CKV_AWS_116", "invoked from SQS (whose redrive policy is the dead-letter queue) or a schedule")],
+            )
+            return created
+
+        # Reserved concurrency 1: membership changes are serialised (invariant 4a, one change at a time),
+        # so two terminations at once are handled one after the other against fresh membership.
+        self.lifecycle_function = function(
+            "LifecycleFunction",
+            config.etcd_lifecycle_function_name,
+            "lambdas.etcd_lifecycle.handler.handle",
+            config.etcd_lifecycle_role_name,
+            concurrency=1,
+            description="Removes a terminating control-plane instance's etcd member safely, then completes its hook",
+        )
+        self.reconciler_function = function(
+            "ReconcilerFunction",
+            config.reconciler_function_name,
+            "lambdas.reconciler.handler.handle",
+            config.reconciler_role_name,
+            concurrency=1,
+            description="Removes etcd members whose instances no longer exist (level-triggered)",
+        )
+        self.ops_function = function(
+            "ClusterOpsFunction",
+            config.cluster_ops_function_name,
+            "lambdas.cluster_ops.handler.handle",
+            config.reconciler_role_name,
+            concurrency=2,
+            description="Read-only etcd status and the canary's sentinel key",
+        )
+
+        self.lifecycle_function.add_event_source(
+            sources.SqsEventSource(self.queue, batch_size=1, report_batch_item_failures=True)
+        )
+        self.terminate_rule = events.Rule(
+            self,
+            "TerminateRule",
+            rule_name=f"{config.resource_prefix}-control-plane-terminate",
+            description="Control-plane terminate lifecycle actions to the etcd lifecycle queue",
+            event_pattern=events.EventPattern(
+                source=["aws.autoscaling"],
+                detail_type=[TERMINATE_EVENT],
+                detail={"AutoScalingGroupName": list(config.control_plane_group_names)},
+            ),
+            targets=[targets.SqsQueue(self.queue)],
+        )
+        self.reconcile_rule = events.Rule(
+            self,
+            "ReconcileSchedule",
+            rule_name=f"{config.resource_prefix}-etcd-reconcile",
+            description="Level-triggered etcd membership reconcile",
+            schedule=events.Schedule.rate(RECONCILE_EVERY),
+            targets=[targets.LambdaFunction(self.reconciler_function, retry_attempts=0)],
+        )

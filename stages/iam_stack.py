@@ -1,0 +1,478 @@
+"""IamStack: every role and instance profile of the cluster, deployed before K8sClusterStack.
+
+Policies are scoped before the resources exist, by the deterministic names in ClusterConfig (table,
+secrets, bucket, groups, queues, log groups) or by the cluster tag. Actions that AWS does not scope to
+a resource (Describe*, the SSM agent's channels, PutMetricData, VPC Lambda network interfaces) keep a
+``*`` resource; each such statement carries a cdk-nag acknowledgement with the action that needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import aws_cdk as cdk
+from aws_cdk import aws_iam as iam
+from cdk_nag import RegexAppliesTo
+from constructs import Construct
+
+from stages.config import ClusterConfig
+from stages.nag import skip_checkov, suppress
+
+
+def _applies(patterns: list[str]) -> list[object]:
+    """cdk-nag ``applies_to`` entries for wildcard resources, tolerant of a concrete or token region."""
+    entries: list[object] = []
+    for pattern in patterns:
+        if pattern == "Resource::*":
+            entries.append(pattern)
+            continue
+        regex = re.escape(pattern).replace(re.escape("<AWS::Region>"), "(<AWS::Region>|[a-z0-9-]+)")
+        entries.append(RegexAppliesTo(regex=f"/^{regex}$/g"))
+    return entries
+
+
+METRICS_NAMESPACE = "DedicatedK8s"
+
+# Statements whose resource must be "*": the API has no resource-level permissions for them.
+SSM_AGENT_ACTIONS = (
+    "ssm:UpdateInstanceInformation",
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+    "ec2messages:AcknowledgeMessage",
+    "ec2messages:DeleteMessage",
+    "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint",
+    "ec2messages:GetMessages",
+    "ec2messages:SendReply",
+)
+DESCRIBE_ACTIONS = (
+    "ec2:DescribeInstances",
+    "ec2:DescribeTags",
+    "autoscaling:DescribeAutoScalingGroups",
+    "autoscaling:DescribeAutoScalingInstances",
+)
+VPC_LAMBDA_ENI_ACTIONS = (
+    "ec2:CreateNetworkInterface",
+    "ec2:DescribeNetworkInterfaces",
+    "ec2:DeleteNetworkInterface",
+    "ec2:AssignPrivateIpAddresses",
+    "ec2:UnassignPrivateIpAddresses",
+)
+XRAY_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords")
+# The AWS cloud controller manager's read calls (cloud-provider-aws recommended control-plane policy).
+CCM_DESCRIBE_ACTIONS = (
+    "ec2:DescribeAvailabilityZones",
+    "ec2:DescribeRegions",
+    "ec2:DescribeRouteTables",
+    "ec2:DescribeSecurityGroups",
+    "ec2:DescribeSubnets",
+    "ec2:DescribeVpcs",
+    "elasticloadbalancing:DescribeLoadBalancers",
+    "elasticloadbalancing:DescribeLoadBalancerAttributes",
+    "elasticloadbalancing:DescribeListeners",
+    "elasticloadbalancing:DescribeTargetGroups",
+    "elasticloadbalancing:DescribeTargetHealth",
+    "elasticloadbalancing:DescribeTags",
+)
+# Mutating CCM calls, allowed only on resources the CCM tagged as the cluster's own.
+CCM_TAGGED_ACTIONS = (
+    "ec2:AuthorizeSecurityGroupIngress",
+    "ec2:RevokeSecurityGroupIngress",
+    "ec2:DeleteSecurityGroup",
+    "ec2:CreateRoute",
+    "ec2:DeleteRoute",
+    "ec2:ModifyInstanceAttribute",
+    "elasticloadbalancing:AddTags",
+    "elasticloadbalancing:CreateListener",
+    "elasticloadbalancing:DeleteListener",
+    "elasticloadbalancing:DeleteLoadBalancer",
+    "elasticloadbalancing:DeleteTargetGroup",
+    "elasticloadbalancing:ModifyListener",
+    "elasticloadbalancing:ModifyLoadBalancerAttributes",
+    "elasticloadbalancing:ModifyTargetGroup",
+    "elasticloadbalancing:RegisterTargets",
+    "elasticloadbalancing:DeregisterTargets",
+    "elasticloadbalancing:SetSecurityGroups",
+)
+CCM_CREATE_ACTIONS = (
+    "ec2:CreateSecurityGroup",
+    "ec2:CreateTags",
+    "elasticloadbalancing:CreateLoadBalancer",
+    "elasticloadbalancing:CreateTargetGroup",
+)
+
+
+class IamStack(cdk.Stack):
+    """Roles for control-plane nodes, workers, the etcd Lambdas and the Image Builder instance."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: ClusterConfig, **kwargs: Any) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.config = config
+        cdk.Tags.of(self).add(ClusterConfig.CLUSTER_TAG_KEY, config.cluster_name)
+
+        self.control_plane_role = self._node_role(config.control_plane_role_name, "control-plane nodes")
+        self.worker_role = self._node_role(config.worker_role_name, "worker nodes")
+        self.etcd_lifecycle_role = self._lambda_role(config.etcd_lifecycle_role_name, "etcd lifecycle Lambda")
+        self.reconciler_role = self._lambda_role(config.reconciler_role_name, "etcd reconciler and cluster-ops Lambdas")
+        self.image_builder_role = self._node_role(config.image_builder_role_name, "the Image Builder build instance")
+
+        self._control_plane_policy()
+        self._worker_policy()
+        self._lambda_policies()
+        self._image_builder_policy()
+
+    # ---- ARNs built from the deterministic names (the resources are created later) ----------
+
+    def _arn(self, service: str, resource: str, name: str | None = None, *, colon: bool = False) -> str:
+        fmt = cdk.ArnFormat.COLON_RESOURCE_NAME if colon else cdk.ArnFormat.SLASH_RESOURCE_NAME
+        return self.format_arn(service=service, resource=resource, resource_name=name, arn_format=fmt)
+
+    def _group_arns(self, names: tuple[str, ...] | list[str]) -> list[str]:
+        return [
+            self._arn("autoscaling", "autoScalingGroup", f"*:autoScalingGroupName/{name}", colon=True) for name in names
+        ]
+
+    @property
+    def _worker_group_names(self) -> list[str]:
+        return [self.config.worker_group_name(group) for group in self.config.worker_groups]
+
+    @property
+    def _secrets_arn(self) -> str:
+        # Secrets Manager appends a random 6-character suffix to every secret ARN.
+        return self._arn("secretsmanager", "secret", f"{self.config.secrets_prefix}/*", colon=True)
+
+    def _secret_arn(self, name: str) -> str:
+        return self._arn("secretsmanager", "secret", f"{name}-??????", colon=True)
+
+    @property
+    def _bucket_arn(self) -> str:
+        name = self.config.snapshot_bucket_name(cdk.Aws.ACCOUNT_ID, cdk.Aws.REGION)
+        return self.format_arn(service="s3", region="", account="", resource=name)
+
+    @property
+    def _table_arn(self) -> str:
+        return self._arn("dynamodb", "table", self.config.cluster_state_table_name)
+
+    @property
+    def _cluster_keys(self) -> iam.PolicyStatement:
+        return iam.PolicyStatement(
+            sid="ClusterKmsKey",
+            actions=["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
+            resources=[self._arn("kms", "key", "*")],
+            conditions={"StringEquals": {f"aws:ResourceTag/{ClusterConfig.CLUSTER_TAG_KEY}": self.config.cluster_name}},
+        )
+
+    def _log_groups(self, *names: str) -> list[str]:
+        return [self._arn("logs", "log-group", f"{name}:*", colon=True) for name in names]
+
+    # ---- roles ----------------------------------------------------------------------------------
+
+    def _node_role(self, name: str, purpose: str) -> iam.Role:
+        role = iam.Role(
+            self,
+            name.removeprefix(self.config.resource_prefix + "-").title().replace("-", "") + "Role",
+            role_name=name,
+            description=f"dedicated-k8s {self.config.cluster_name}: {purpose}",
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+        )
+        # The profile carries the role's name so K8sClusterStack and Image Builder find it by name.
+        iam.CfnInstanceProfile(self, role.node.id + "Profile", instance_profile_name=name, roles=[role.role_name])
+        return role
+
+    def _lambda_role(self, name: str, purpose: str) -> iam.Role:
+        return iam.Role(
+            self,
+            name.removeprefix(self.config.resource_prefix + "-").title().replace("-", "") + "Role",
+            role_name=name,
+            description=f"dedicated-k8s {self.config.cluster_name}: {purpose}",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+        )
+
+    def _attach(self, role: iam.Role, policy_name: str, statements: list[iam.PolicyStatement]) -> iam.Policy:
+        policy = iam.Policy(self, f"{role.node.id}{policy_name}", statements=statements)
+        policy.attach_to_role(role)
+        # checkov reads any write action on "*" as unconstrained, even where a condition scopes it.
+        skip_checkov(
+            policy.node.default_child,  # type: ignore[arg-type]
+            [
+                (
+                    "CKV_AWS_111",
+                    "writes on '*' are only APIs without resource-level permissions (SSM agent channels, "
+                    "VPC Lambda ENIs, X-Ray, PutMetricData limited by namespace) or tag-conditioned CCM calls",
+                )
+            ],
+        )
+        return policy
+
+    def _metrics(self) -> iam.PolicyStatement:
+        return iam.PolicyStatement(
+            sid="Metrics",
+            actions=["cloudwatch:PutMetricData"],
+            resources=["*"],
+            conditions={"StringEquals": {"cloudwatch:namespace": METRICS_NAMESPACE}},
+        )
+
+    def _ssm_agent(self) -> list[iam.PolicyStatement]:
+        return [
+            iam.PolicyStatement(sid="SsmAgent", actions=list(SSM_AGENT_ACTIONS), resources=["*"]),
+            iam.PolicyStatement(
+                sid="ClusterParameters",
+                actions=["ssm:GetParameter", "ssm:GetParameters"],
+                resources=[self._arn("ssm", "parameter", self.config.ssm_prefix.lstrip("/") + "/*")],
+            ),
+        ]
+
+    def _describe(self) -> iam.PolicyStatement:
+        return iam.PolicyStatement(sid="Describe", actions=list(DESCRIBE_ACTIONS), resources=["*"])
+
+    def _node_logs(self) -> iam.PolicyStatement:
+        return iam.PolicyStatement(
+            sid="NodeLogs",
+            actions=["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+            resources=self._log_groups(f"/dedicated-k8s/{self.config.cluster_name}/*"),
+        )
+
+    def _control_plane_policy(self) -> None:
+        config = self.config
+        all_groups = self._group_arns(list(config.control_plane_group_names) + self._worker_group_names)
+        cluster_tag = f"kubernetes.io/cluster/{config.cluster_name}"
+        statements = [
+            *self._ssm_agent(),
+            self._describe(),
+            self._metrics(),
+            self._node_logs(),
+            self._cluster_keys,
+            iam.PolicyStatement(
+                sid="ClusterState",
+                actions=[
+                    "dynamodb:GetItem",
+                    "dynamodb:PutItem",
+                    "dynamodb:UpdateItem",
+                    "dynamodb:DeleteItem",
+                    "dynamodb:ConditionCheckItem",
+                ],
+                resources=[self._table_arn],
+            ),
+            iam.PolicyStatement(
+                sid="ClusterSecrets",
+                actions=[
+                    "secretsmanager:GetSecretValue",
+                    "secretsmanager:PutSecretValue",
+                    "secretsmanager:DescribeSecret",
+                ],
+                resources=[self._secrets_arn],
+            ),
+            iam.PolicyStatement(sid="SnapshotBucket", actions=["s3:ListBucket"], resources=[self._bucket_arn]),
+            iam.PolicyStatement(
+                sid="Snapshots",
+                actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                resources=[f"{self._bucket_arn}/snapshots/*"],
+            ),
+            iam.PolicyStatement(
+                sid="LaunchHooks",
+                actions=["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"],
+                resources=all_groups,
+            ),
+            iam.PolicyStatement(sid="CloudControllerRead", actions=list(CCM_DESCRIBE_ACTIONS), resources=["*"]),
+            iam.PolicyStatement(
+                sid="CloudControllerOwned",
+                actions=list(CCM_TAGGED_ACTIONS),
+                resources=["*"],
+                conditions={"StringEquals": {f"aws:ResourceTag/{cluster_tag}": "owned"}},
+            ),
+            iam.PolicyStatement(
+                sid="CloudControllerCreate",
+                actions=list(CCM_CREATE_ACTIONS),
+                resources=["*"],
+                conditions={"StringEquals": {f"aws:RequestTag/{cluster_tag}": "owned"}},
+            ),
+        ]
+        policy = self._attach(self.control_plane_role, "Policy", statements)
+        suppress(
+            policy,
+            "AwsSolutions-IAM5",
+            "Resource '*' only where the API has no resource-level permissions (SSM agent channels, "
+            "ec2/autoscaling/elb Describe*, PutMetricData limited by namespace) or where a tag condition "
+            "(kubernetes.io/cluster/<name>=owned, the cluster tag on KMS keys) scopes it",
+            applies_to=_applies(
+                [
+                    "Resource::*",
+                    "Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*",
+                    f"Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter{config.ssm_prefix}/*",
+                    f"Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:{config.secrets_prefix}/*",
+                    "Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:"
+                    f"/dedicated-k8s/{config.cluster_name}/*:*",
+                    "Resource::arn:<AWS::Partition>:s3:::" + self._bucket_pattern() + "/snapshots/*",
+                    *[
+                        f"Resource::{self._group_pattern(name)}"
+                        for name in list(config.control_plane_group_names) + self._worker_group_names
+                    ],
+                ]
+            ),
+        )
+
+    def _bucket_pattern(self) -> str:
+        return self.config.snapshot_bucket_name("<AWS::AccountId>", "<AWS::Region>")
+
+    @staticmethod
+    def _group_pattern(name: str) -> str:
+        return (
+            "arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>:"
+            f"autoScalingGroup:*:autoScalingGroupName/{name}"
+        )
+
+    def _worker_policy(self) -> None:
+        config = self.config
+        statements = [
+            *self._ssm_agent(),
+            self._describe(),
+            self._metrics(),
+            self._node_logs(),
+            self._cluster_keys,
+            iam.PolicyStatement(
+                sid="WorkerJoinSecret",
+                actions=["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"],
+                resources=[self._secret_arn(config.join_secret_name)],
+            ),
+            iam.PolicyStatement(
+                sid="WorkerHooks",
+                actions=["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"],
+                resources=self._group_arns(self._worker_group_names),
+            ),
+        ]
+        policy = self._attach(self.worker_role, "Policy", statements)
+        suppress(
+            policy,
+            "AwsSolutions-IAM5",
+            "Resource '*' only for the SSM agent channels, Describe* and PutMetricData (namespace-limited); "
+            "KMS keys by the cluster tag; the secret ARN's random suffix; hooks on the cluster's worker groups",
+            applies_to=_applies(
+                [
+                    "Resource::*",
+                    "Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*",
+                    f"Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter{config.ssm_prefix}/*",
+                    f"Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:{config.join_secret_name}-??????",
+                    "Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:"
+                    f"/dedicated-k8s/{config.cluster_name}/*:*",
+                    *[f"Resource::{self._group_pattern(name)}" for name in self._worker_group_names],
+                ]
+            ),
+        )
+
+    def _lambda_policies(self) -> None:
+        config = self.config
+        for role, function_names, can_complete in (
+            (self.etcd_lifecycle_role, [config.etcd_lifecycle_function_name], True),
+            (self.reconciler_role, [config.reconciler_function_name, config.cluster_ops_function_name], False),
+        ):
+            log_groups = [f"/aws/lambda/{name}" for name in function_names]
+            statements = [
+                self._describe(),
+                self._metrics(),
+                self._cluster_keys,
+                iam.PolicyStatement(sid="VpcNetworkInterfaces", actions=list(VPC_LAMBDA_ENI_ACTIONS), resources=["*"]),
+                iam.PolicyStatement(sid="Tracing", actions=list(XRAY_ACTIONS), resources=["*"]),
+                iam.PolicyStatement(
+                    sid="FunctionLogs",
+                    actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+                    resources=self._log_groups(*log_groups),
+                ),
+                iam.PolicyStatement(
+                    sid="EtcdClientCertificate",
+                    actions=["secretsmanager:GetSecretValue"],
+                    resources=[self._secret_arn(config.etcd_client_secret_name)],
+                ),
+            ]
+            applies = [
+                "Resource::*",
+                "Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*",
+                f"Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:{config.etcd_client_secret_name}-??????",
+                *[
+                    f"Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:{group}:*"
+                    for group in log_groups
+                ],
+            ]
+            if can_complete:
+                statements.append(
+                    iam.PolicyStatement(
+                        sid="ControlPlaneTerminateHooks",
+                        actions=["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"],
+                        resources=self._group_arns(config.control_plane_group_names),
+                    )
+                )
+                statements.append(
+                    iam.PolicyStatement(
+                        sid="RetryQueue",
+                        actions=[
+                            "sqs:SendMessage",
+                            "sqs:ReceiveMessage",
+                            "sqs:DeleteMessage",
+                            "sqs:GetQueueAttributes",
+                            "sqs:ChangeMessageVisibility",
+                        ],
+                        resources=[self._arn("sqs", f"{config.resource_prefix}-etcd-lifecycle")],
+                    )
+                )
+                applies.extend(f"Resource::{self._group_pattern(name)}" for name in config.control_plane_group_names)
+            policy = self._attach(role, "Policy", statements)
+            suppress(
+                policy,
+                "AwsSolutions-IAM5",
+                "Resource '*' only for VPC network interfaces (Lambda's ENI management), X-Ray, Describe* and "
+                "PutMetricData (namespace-limited); KMS keys by cluster tag; the secret ARN's random suffix; "
+                "log streams of the function's own log group",
+                applies_to=_applies(applies),
+            )
+
+    def _image_builder_policy(self) -> None:
+        config = self.config
+        logs_bucket = self.format_arn(
+            service="s3", region="", account="", resource=f"{config.resource_prefix}-imagebuilder-logs-*"
+        )
+        statements = [
+            *self._ssm_agent(),
+            iam.PolicyStatement(
+                sid="ImageBuilderAgent",
+                actions=["imagebuilder:GetComponent", "imagebuilder:GetContainerRecipe", "ssm:GetDocument"],
+                resources=[
+                    self._arn("imagebuilder", "component", "*"),
+                    self._arn("imagebuilder", "container-recipe", "*"),
+                    self._arn("ssm", "document", "*"),
+                ],
+            ),
+            iam.PolicyStatement(sid="BuildLogs", actions=["s3:PutObject"], resources=[f"{logs_bucket}/*"]),
+            iam.PolicyStatement(
+                sid="BuildAssets",
+                actions=["s3:GetObject"],
+                resources=[self.format_arn(service="s3", region="", account="", resource="cdk-*-assets-*/*")],
+            ),
+            iam.PolicyStatement(
+                sid="BuildInstanceLogs",
+                actions=["logs:CreateLogStream", "logs:CreateLogGroup", "logs:PutLogEvents"],
+                resources=self._log_groups("/aws/imagebuilder/*"),
+            ),
+            self._cluster_keys,
+        ]
+        policy = self._attach(self.image_builder_role, "Policy", statements)
+        suppress(
+            policy,
+            "AwsSolutions-IAM5",
+            "Image Builder's agent reads components/recipes/SSM documents chosen at build time, writes logs under "
+            "the cluster's build-log buckets and reads the CDK asset bucket; the SSM agent channels need '*'",
+            applies_to=_applies(
+                [
+                    "Resource::*",
+                    "Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*",
+                    f"Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter{config.ssm_prefix}/*",
+                    "Resource::arn:<AWS::Partition>:imagebuilder:<AWS::Region>:<AWS::AccountId>:component/*",
+                    "Resource::arn:<AWS::Partition>:imagebuilder:<AWS::Region>:<AWS::AccountId>:container-recipe/*",
+                    "Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:document/*",
+                    f"Resource::arn:<AWS::Partition>:s3:::{config.resource_prefix}-imagebuilder-logs-*/*",
+                    "Resource::arn:<AWS::Partition>:s3:::cdk-*-assets-*/*",
+                    "Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:/aws/imagebuilder/*:*",
+                ]
+            ),
+        )

@@ -1,0 +1,97 @@
+"""The hardened launch template shared by control-plane and worker groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aws_cdk as cdk
+from aws_cdk import aws_autoscaling as autoscaling
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from constructs import Construct
+
+from stages.config import ClusterConfig
+from stages.user_data import agent_user_data
+
+ROOT_DEVICE = "/dev/xvda"  # Amazon Linux 2023, the AMI's parent image
+ROOT_VOLUME_GIB = 50
+
+
+def machine_image(config: ClusterConfig) -> ec2.IMachineImage:
+    if config.ami_is_ssm_parameter:
+        # Resolved by CloudFormation at deploy time: synth stays offline and picks up each new AMI.
+        return ec2.MachineImage.from_ssm_parameter(config.ami, os=ec2.OperatingSystemType.LINUX)
+    return ec2.MachineImage.generic_linux({config.region: config.ami})
+
+
+def node_launch_template(
+    scope: Construct,
+    construct_id: str,
+    *,
+    config: ClusterConfig,
+    name: str,
+    instance_type: str,
+    role_name: str,
+    security_group: ec2.ISecurityGroup,
+    key: kms.IKey,
+    agent_config: dict[str, Any],
+) -> ec2.LaunchTemplate:
+    template = ec2.LaunchTemplate(
+        scope,
+        construct_id,
+        launch_template_name=name,
+        instance_type=ec2.InstanceType(instance_type),
+        machine_image=machine_image(config),
+        user_data=agent_user_data(cdk.Stack.of(scope), agent_config),
+        security_group=security_group,
+        instance_profile=iam.InstanceProfile.from_instance_profile_name(scope, f"{construct_id}Profile", role_name),
+        require_imdsv2=True,
+        # Hop limit 1: pods cannot reach the instance metadata (and the node role) through the node;
+        # pods get AWS credentials through IRSA instead.
+        http_put_response_hop_limit=1,
+        http_tokens=ec2.LaunchTemplateHttpTokens.REQUIRED,
+        detailed_monitoring=True,
+        ebs_optimized=True,
+        block_devices=[
+            ec2.BlockDevice(
+                device_name=ROOT_DEVICE,
+                volume=ec2.BlockDeviceVolume.ebs(
+                    ROOT_VOLUME_GIB,
+                    encrypted=True,
+                    kms_key=key,
+                    volume_type=ec2.EbsDeviceVolumeType.GP3,
+                    delete_on_termination=True,
+                ),
+            )
+        ],
+    )
+    cfn = template.node.default_child
+    assert isinstance(cfn, ec2.CfnLaunchTemplate)
+    cfn.add_property_override("LaunchTemplateData.Placement.Tenancy", config.tenancy)
+    return template
+
+
+def add_lifecycle_hooks(
+    group: autoscaling.AutoScalingGroup,
+    *,
+    launch_timeout: int,
+    terminate_timeout: int,
+    terminate_default: autoscaling.DefaultResult,
+) -> None:
+    # Launch: the agent completes with CONTINUE only when the node is healthy; if it never answers,
+    # ABANDON terminates the instance and the group launches a fresh one (healthy before InService).
+    group.add_lifecycle_hook(
+        "LaunchHook",
+        lifecycle_hook_name="dk8s-launch",
+        lifecycle_transition=autoscaling.LifecycleTransition.INSTANCE_LAUNCHING,
+        heartbeat_timeout=cdk.Duration.seconds(launch_timeout),
+        default_result=autoscaling.DefaultResult.ABANDON,
+    )
+    group.add_lifecycle_hook(
+        "TerminateHook",
+        lifecycle_hook_name="dk8s-terminate",
+        lifecycle_transition=autoscaling.LifecycleTransition.INSTANCE_TERMINATING,
+        heartbeat_timeout=cdk.Duration.seconds(terminate_timeout),
+        default_result=terminate_default,
+    )
