@@ -253,7 +253,7 @@ class Chaos:
 def run_chaos(
     count: int, seed: int, *, dr: bool = False, progress: Any = print, report: Path | None = None
 ) -> ChaosResult:
-    options = TwinOptions(workers=0, snapshot_every_seconds=2.0 if dr else 0.0, terminate_hook_timeout=8.0)
+    options = TwinOptions(workers=0, snapshot_every_seconds=2.0 if dr else 0.0, terminate_hook_timeout=12.0)
     with Twin(options, progress=lambda line: None) as twin:
         result = Chaos(twin, seed, progress=progress, dr=dr).run(count)
         if report is not None:

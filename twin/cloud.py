@@ -77,7 +77,7 @@ def create_cloud(aws: Any, cfg: ClusterConfig, second_octet: int) -> CloudNames:
         QueueName=f"{cfg.resource_prefix}-etcd-lifecycle",
         Attributes={
             "KmsMasterKeyId": key_arn,
-            "VisibilityTimeout": "5",
+            "VisibilityTimeout": "3",
             "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "20"}),
         },
     )["QueueUrl"]

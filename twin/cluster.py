@@ -394,7 +394,7 @@ class Twin:
     def run_reconciler(self) -> None:
         if not self.reconciler_enabled or not self.initialised():
             return
-        from twin.events import LambdaContext  # noqa: PLC0415
+        from twin.events import LambdaContext
 
         self.reconciler_runs += 1
         try:
@@ -408,7 +408,7 @@ class Twin:
 
     def ops(self, action: str, **payload: Any) -> Any:
         """Invoke the cluster-ops Lambda in-process (the canary's status/put/get)."""
-        from twin.events import LambdaContext  # noqa: PLC0415
+        from twin.events import LambdaContext
 
         return load_handler(OPS_HANDLER)(
             {"action": action, **payload}, LambdaContext(self.cfg.cluster_ops_function_name)

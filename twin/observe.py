@@ -227,10 +227,10 @@ class Timeline:
             return {"started": self.started, "samples": [asdict(s) for s in self.samples], "events": list(self.events)}
 
     def plot(self, path: Path, title: str = "etcd membership over time") -> None:
-        import matplotlib  # noqa: PLC0415 (only for the report)
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
 
         with self.lock:
             samples, events = list(self.samples), list(self.events)
