@@ -239,7 +239,7 @@ class _Parser:
         return value
 
     def string(self, key: str, default: str | None = None) -> str | None:
-        value = self.raw(key)
+        value = self._get(key)  # never JSON-parsed: "1.34" stays a string
         if value is None:
             return default
         if not isinstance(value, str) or not value:

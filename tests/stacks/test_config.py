@@ -1,0 +1,152 @@
+"""Every kind of bad configuration gets one clear error naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from stages.config import ClusterConfig, ConfigError
+from tests.stacks.conftest import ROOT, default_context
+
+
+def config_with(**overrides: Any) -> ClusterConfig:
+    return ClusterConfig.from_mapping({**default_context(), **overrides})
+
+
+def error_for(**overrides: Any) -> str:
+    with pytest.raises(ConfigError) as caught:
+        config_with(**overrides)
+    return str(caught.value)
+
+
+def test_cdk_json_defaults_validate() -> None:
+    config = config_with()
+    assert config.tenancy == "dedicated"
+    assert config.control_plane_count == 3
+    assert len(set(config.availability_zones)) == 3
+    assert config.kubernetes_version == json.loads((ROOT / "imagebuilder" / "versions.json").read_text())["kubernetes"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "value", "allowed"),
+    [
+        ({"vpcCidr": "10.40.0.1/16"}, "'vpcCidr'", "10.40.0.1/16", "no host bits"),
+        ({"vpcCidr": "not-a-cidr"}, "'vpcCidr'", "not-a-cidr", "IPv4 CIDR"),
+        ({"vpcCidr": "8.8.0.0/16"}, "'vpcCidr'", "8.8.0.0/16", "private (RFC 1918)"),
+        ({"apiAccessCidrs": ["0.0.0.0/0"]}, "'apiAccessCidrs'", "0.0.0.0/0", "never 0.0.0.0/0"),
+        ({"availabilityZones": ["us-east-1a", "us-east-1b"]}, "'availabilityZones'", "us-east-1b", "at least 3"),
+        ({"availabilityZones": ["us-east-1a", "us-east-1a", "us-east-1b"]}, "'availabilityZones'", "", "distinct"),
+        (
+            {"availabilityZones": ["us-west-2a", "us-east-1b", "us-east-1c"]},
+            "'availabilityZones'",
+            "us-west-2a",
+            "region",
+        ),
+        ({"controlPlaneCount": 4}, "'controlPlaneCount'", "4", "odd number"),
+        ({"controlPlaneCount": 1}, "'controlPlaneCount'", "1", "at least 3"),
+        ({"controlPlaneCount": "three"}, "'controlPlaneCount'", "three", "whole number"),
+        ({"tenancy": "shared"}, "'tenancy'", "shared", "dedicated, default"),
+        ({"tenancy": "host"}, "'tenancy'", "host", "host resource group"),
+        ({"controlPlaneInstanceType": "t3.large"}, "'controlPlaneInstanceType'", "t3.large", "Dedicated Instance"),
+        ({"controlPlaneInstanceType": "m6i.medium"}, "'controlPlaneInstanceType'", "m6i.medium", "2 vCPUs"),
+        ({"controlPlaneInstanceType": "bogus"}, "'controlPlaneInstanceType'", "bogus", "EC2 instance type"),
+        ({"clusterName": "Bad_Name"}, "'clusterName'", "Bad_Name", "lowercase"),
+        ({"kubernetesVersion": "1.34"}, "'kubernetesVersion'", "1.34", "full Kubernetes version"),
+        ({"ami": "my-ami"}, "'ami'", "my-ami", "AMI ID"),
+        ({"region": "mars-1"}, "'region'", "mars-1", "AWS region"),
+        ({"account": "12345"}, "'account'", "12345", "12-digit"),
+        ({"snapshotIntervalMinutes": 1}, "'snapshotIntervalMinutes'", "1", "between 5 and 1440"),
+        ({"alarmEmails": ["nobody"]}, "'alarmEmails'", "nobody", "e-mail"),
+        ({"colour": "blue"}, "'colour'", "blue", "not a known key"),
+    ],
+)
+def test_bad_value_is_named_with_what_is_allowed(overrides: dict[str, Any], key: str, value: str, allowed: str) -> None:
+    message = error_for(**overrides)
+    assert key in message
+    assert value in message
+    assert allowed in message
+
+
+def test_worker_min_above_max_is_rejected() -> None:
+    message = error_for(workerGroups=[{"name": "big", "instanceType": "m6i.large", "minSize": 5, "maxSize": 2}])
+    assert "'workerGroups[0].minSize' = 5" in message
+    assert "must not exceed maxSize (2)" in message
+
+
+def test_worker_desired_outside_range_is_rejected() -> None:
+    message = error_for(
+        workerGroups=[{"name": "g", "instanceType": "m6i.large", "minSize": 1, "maxSize": 3, "desiredCapacity": 9}]
+    )
+    assert "'workerGroups[0].desiredCapacity' = 9" in message
+
+
+def test_worker_burstable_type_cannot_run_dedicated() -> None:
+    message = error_for(workerGroups=[{"name": "g", "instanceType": "t3.large", "minSize": 1, "maxSize": 2}])
+    assert "'workerGroups[0].instanceType' = \"t3.large\"" in message
+
+
+def test_burstable_types_are_allowed_on_default_tenancy() -> None:
+    config = config_with(tenancy="default", controlPlaneInstanceType="t3.large")
+    assert config.control_plane_instance_type == "t3.large"
+
+
+def test_imported_vpc_needs_a_subnet_in_each_of_three_zones() -> None:
+    message = error_for(
+        vpcId="vpc-0123456789abcdef0",
+        privateSubnetIds=["subnet-0123456789abcdef0", "subnet-0123456789abcdef1"],
+        privateRouteTableIds=["rtb-0123456789abcdef0", "rtb-0123456789abcdef1"],
+    )
+    assert "'privateSubnetIds'" in message
+    assert "one private subnet per availability zone" in message
+
+
+def test_imported_vpc_with_three_subnets_validates() -> None:
+    config = config_with(
+        vpcId="vpc-0123456789abcdef0",
+        privateSubnetIds=[f"subnet-0123456789abcdef{i}" for i in range(3)],
+        privateRouteTableIds=[f"rtb-0123456789abcdef{i}" for i in range(3)],
+    )
+    assert config.vpc.imported
+    assert config.vpc.private_subnet_ids[2] == "subnet-0123456789abcdef2"
+
+
+def test_command_line_strings_are_parsed_like_cdk_json_values() -> None:
+    config = config_with(controlPlaneCount="5", apiAccessCidrs='["10.1.0.0/16","10.2.0.0/16"]')
+    assert config.control_plane_count == 5
+    assert config.api_access_cidrs == ("10.1.0.0/16", "10.2.0.0/16")
+    assert config_with(apiAccessCidrs="10.1.0.0/16,10.2.0.0/16").api_access_cidrs == ("10.1.0.0/16", "10.2.0.0/16")
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_with(controlPlaneCount=4, tenancy="shared", vpcCidr="nope")
+    assert len(caught.value.problems) == 3
+
+
+def test_five_control_plane_nodes_spread_round_robin_over_three_zones() -> None:
+    config = config_with(controlPlaneCount=5)
+    assert [config.control_plane_zone(i) for i in range(5)] == [
+        "us-east-1a",
+        "us-east-1b",
+        "us-east-1c",
+        "us-east-1a",
+        "us-east-1b",
+    ]
+
+
+def test_app_exits_2_with_the_message_on_bad_context() -> None:
+    result = subprocess.run(
+        [sys.executable, "app.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"CDK_CONTEXT_JSON": json.dumps({"controlPlaneCount": 2}), "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "'controlPlaneCount' = 2" in result.stderr
