@@ -18,7 +18,7 @@ CONTROL_PLANE_GROUPS = [
 
 
 def resources(template: Template, kind: str) -> dict[str, dict[str, Any]]:
-    return template.find_resources(kind)
+    return {key: dict(value) for key, value in template.find_resources(kind).items()}
 
 
 def control_plane_groups(template: Template) -> dict[str, dict[str, Any]]:
