@@ -38,7 +38,7 @@ FallbackHookFactory = Callable[[str, str], LaunchHook]  # (hook name, region) ->
 
 def production_agent(cfg: AgentConfig, settings: AgentSettings) -> Agent:
     """Wire the real world: IMDSv2, boto3 in the configured region, subprocess runner, membership module."""
-    from node_agent.etcd_membership import MembershipEtcd  # noqa: PLC0415 (pulls in lambdas.common only here)
+    from node_agent.etcd_membership import MembershipEtcd
 
     identity = Imdsv2().identity()
     session = boto3.session.Session(region_name=cfg.region)
