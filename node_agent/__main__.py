@@ -25,6 +25,7 @@ import boto3
 from node_agent.bootstrap import Agent
 from node_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, AgentConfigError, AgentSettings
 from node_agent.election import ClusterStateStore
+from node_agent.etcd_membership import MembershipEtcd
 from node_agent.instance import Imdsv2
 from node_agent.lifecycle import AutoScalingLaunchHook, LaunchHook
 from node_agent.log import Metrics, configure_logging, get_logger, log
@@ -38,8 +39,6 @@ FallbackHookFactory = Callable[[str, str], LaunchHook]  # (hook name, region) ->
 
 def production_agent(cfg: AgentConfig, settings: AgentSettings) -> Agent:
     """Wire the real world: IMDSv2, boto3 in the configured region, subprocess runner, membership module."""
-    from node_agent.etcd_membership import MembershipEtcd
-
     identity = Imdsv2().identity()
     session = boto3.session.Session(region_name=cfg.region)
     return Agent(
