@@ -42,7 +42,9 @@ class ScriptedCluster:
     terminated: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.members = [{"name": f"{i}.ec2.internal", "is_learner": False, "healthy": True} for i in self.instances]
+        self.members: list[dict[str, Any]] = [
+            {"name": f"{i}.ec2.internal", "is_learner": False, "healthy": True} for i in self.instances
+        ]
 
     def status(self) -> Any:
         self.polls += 1
