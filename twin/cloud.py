@@ -34,7 +34,8 @@ class CloudNames:
 
 
 def hook_names(cfg: ClusterConfig) -> tuple[str, str]:
-    return f"{cfg.resource_prefix}-launch", f"{cfg.resource_prefix}-etcd-terminate"
+    """As stages/nodes.py names them (the same on every group)."""
+    return "dk8s-launch", "dk8s-terminate"
 
 
 def create_cloud(aws: Any, cfg: ClusterConfig, second_octet: int) -> CloudNames:
@@ -78,7 +79,7 @@ def create_cloud(aws: Any, cfg: ClusterConfig, second_octet: int) -> CloudNames:
         Attributes={
             "KmsMasterKeyId": key_arn,
             "VisibilityTimeout": "3",
-            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "20"}),
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
         },
     )["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
@@ -126,16 +127,17 @@ def create_groups(
             HeartbeatTimeout=max(30, int(launch_timeout)),
             DefaultResult="ABANDON",
         )
-        term: Hook | None = None
-        if role == "control-plane":
-            term = Hook(names.terminate_hook, terminate_timeout, terminate_default)
-            asg.put_lifecycle_hook(
-                AutoScalingGroupName=name,
-                LifecycleHookName=term.name,
-                LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-                HeartbeatTimeout=max(30, int(terminate_timeout)),
-                DefaultResult=terminate_default,
-            )
+        # Control plane: ABANDON + retain-on-abandon (stages/control_plane.py); workers: CONTINUE (drain).
+        term = Hook(
+            names.terminate_hook, terminate_timeout, terminate_default if role == "control-plane" else "CONTINUE"
+        )
+        asg.put_lifecycle_hook(
+            AutoScalingGroupName=name,
+            LifecycleHookName=term.name,
+            LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+            HeartbeatTimeout=max(30, int(terminate_timeout)),
+            DefaultResult=term.default_result,
+        )
         groups.append(
             Group(
                 name,

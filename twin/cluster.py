@@ -76,7 +76,7 @@ class TwinOptions:
     keep_root: bool = False
     launch_hook_timeout: float = 120.0
     terminate_hook_timeout: float = 30.0
-    terminate_default_result: str = "CONTINUE"
+    terminate_default_result: str = "ABANDON"  # the stack's control-plane default (with retain-on-abandon)
     retain_on_abandon: bool = True
     reconcile_interval: float = 4.0
     retry_delay_seconds: int = 1
@@ -172,6 +172,7 @@ class Twin:
             lambda: load_handler(LIFECYCLE_HANDLER),
             self.cfg.etcd_lifecycle_function_name,
             on_event=self._on_event,
+            concurrency=1,  # the stack reserves concurrency 1: membership changes one at a time
         ).start()
         self.reconciler = Timer(self.options.reconcile_interval, self.run_reconciler, "reconciler").start()
         self.timeline.start()
@@ -290,7 +291,11 @@ class Twin:
             TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
         )["Instances"][0]
         iid = inst["InstanceId"]
-        asg.attach_instances(InstanceIds=[iid], AutoScalingGroupName=group.name)
+        try:
+            asg.attach_instances(InstanceIds=[iid], AutoScalingGroupName=group.name)
+        except Exception:
+            ec2.terminate_instances(InstanceIds=[iid])
+            raise
         root = self.root / "instances" / iid
         root.mkdir(parents=True, exist_ok=True)
         config_path = root / "agent.json"
@@ -356,6 +361,16 @@ class Twin:
             group=group.name, hook=hook.name, instance_id=inst.instance_id, token=inst.hook_token
         )
         self.aws.client("sqs").send_message(QueueUrl=self.cloud.events_queue_url, MessageBody=json.dumps(event))
+
+    def retained(self, inst: Instance) -> None:
+        """Retained on abandon: the instance (and its etcd) keeps running, outside the group's capacity."""
+        self._on_event("retained", instance_id=inst.instance_id)
+        try:
+            self.aws.client("autoscaling").detach_instances(
+                InstanceIds=[inst.instance_id], AutoScalingGroupName=inst.group, ShouldDecrementDesiredCapacity=True
+            )
+        except Exception as err:
+            self._on_event("moto-error", error=str(err))
 
     def destroy(self, inst: Instance) -> None:
         if inst.role == "control-plane":  # was the member removed before the instance went away?

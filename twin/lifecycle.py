@@ -82,6 +82,9 @@ class Provider(Protocol):
     def destroy(self, inst: Instance) -> None:
         """Kill the instance's processes and mark it terminated in moto's EC2."""
 
+    def retained(self, inst: Instance) -> None:
+        """The instance was retained on abandon: it keeps running but no longer counts toward capacity."""
+
 
 class LifecycleMachine:
     """Instance table + transitions; thread-safe; ``tick()`` applies timeouts and holds capacity."""
@@ -183,6 +186,7 @@ class LifecycleMachine:
         inst.terminate_result = result
         if result == "ABANDON" and group.retain_on_abandon and inst.state == TERMINATING_WAIT:
             inst.ended_at = time.time()
+            self.provider.retained(inst)
             self._set(inst, RETAINED)
             return
         self.provider.destroy(inst)

@@ -38,6 +38,9 @@ class FakeProvider:
     def destroy(self, inst: Instance) -> None:
         self.destroyed.append(inst.instance_id)
 
+    def retained(self, inst: Instance) -> None:
+        self.events.append(f"retained {inst.instance_id}")
+
 
 def machine(
     *, term_timeout: float = 60, default: str = "CONTINUE", retain: bool = True, launch_timeout: float = 60
@@ -92,7 +95,7 @@ def test_abandon_with_retain_on_abandon_leaves_the_instance_running_and_replaces
     inst = in_service(m)
     m.terminate_in_group(inst.instance_id)
     m.complete_action("cp-0", "term", inst.instance_id, "", "ABANDON")
-    assert inst.state == RETAINED and not p.destroyed
+    assert inst.state == RETAINED and not p.destroyed and p.events[-1] == f"retained {inst.instance_id}"
     m.tick()
     assert len(p.launched) == 2
 
