@@ -41,7 +41,7 @@ from typing import Any
 
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import Attempt, ClusterState, ClusterStateStore, LeaseRenewer, MemberRecord, Phase
-from node_agent.errors import AgentError, LeaseLostError
+from node_agent.errors import AgentError, LeaseLostError, SecretUnreadableError
 from node_agent.etcd import EtcdAccess, EtcdTls, Member, client_url_for, listening
 from node_agent.instance import InstanceIdentity
 from node_agent.kubeadm import Kubeadm, generate_bootstrap_token, init_configuration_yaml, join_configuration_yaml
@@ -49,7 +49,15 @@ from node_agent.lifecycle import LaunchHook
 from node_agent.log import Metrics, get_logger, log
 from node_agent.recovery import GONE, describe_instance_states, disaster_recovery_needed
 from node_agent.runner import CommandRunner
-from node_agent.secrets import JoinSecret, SecretStore, place_pki_on_disk, read_pki_from_disk
+from node_agent.secrets import (
+    ETCD_CLIENT_KEYS,
+    JOIN_KEYS,
+    PKI_FILES,
+    JoinSecret,
+    SecretStore,
+    place_pki_on_disk,
+    read_pki_from_disk,
+)
 from node_agent.snapshots import Etcdctl, Snapshots
 from node_agent.tokens import rotate_join_token
 
@@ -148,14 +156,27 @@ class Agent:
 
     # -- worker ---------------------------------------------------------------------------------------
     def _launch_worker(self) -> str:
-        self._wait("the cluster to be initialised", lambda: self.store.read().phase == Phase.INITIALISED,
-                   timeout=self.settings.join_deadline_seconds)  # fmt: skip
-        join = self.secrets.read_join(self.config.join_secret_name)
+        """Workers cannot read the cluster-state table (least privilege): the join secret is the signal.
+
+        Until the initialiser writes it, the secret holds the stack's placeholder (or no value): wait.
+        Access or decryption errors end the launch at once.
+        """
+        join = self._wait_for_join_secret()
         path = self._write("kubeadm-join.yaml", join_configuration_yaml(
             self.config, self.identity, join.token, join.ca_cert_hash, control_plane=False))  # fmt: skip
         self.kubeadm.join(path)
         self._wait("the kubelet to register the node", lambda: self.kubeadm.node_registered(self.node_name))
         return "worker-joined"
+
+    def _wait_for_join_secret(self) -> JoinSecret:
+        while True:
+            try:
+                return self.secrets.read_join(self.config.join_secret_name)
+            except SecretUnreadableError as err:
+                if not err.not_written_yet or self._time_left() <= 0:
+                    raise
+                log(LOG, 10, "join secret not written yet", reason=str(err))
+            self.sleep(self.settings.poll_interval_seconds)
 
     # -- control plane ---------------------------------------------------------------------------------
     def _launch_control_plane(self) -> str:
@@ -210,8 +231,12 @@ class Agent:
         if attempt.holder == self.me:
             return "mine"
         if self.probe(attempt.client_url):
-            names = (self.config.pki_secret_name, self.config.etcd_client_secret_name, self.config.join_secret_name)
-            if attempt.phase == Phase.INITIALISING.value and all(self.secrets.exists_with_value(n) for n in names):
+            stored = (
+                self.secrets.holds(self.config.pki_secret_name, PKI_FILES)
+                and self.secrets.holds(self.config.etcd_client_secret_name, ETCD_CLIENT_KEYS)
+                and self.secrets.holds(self.config.join_secret_name, JOIN_KEYS)
+            )  # the stack creates the secrets with placeholders: "stored" means written in the agent's shape
+            if attempt.phase == Phase.INITIALISING.value and stored:
                 return "adopt"
             return "wait"
         holder_state = describe_instance_states(self.ec2, [attempt.instance_id]).get(attempt.instance_id)
@@ -291,7 +316,7 @@ class Agent:
         return [m.client_url or client_url_for(m.peer_url, port) for m in state.last_membership]
 
     def _load_lambda_client_tls(self) -> None:
-        value = self.secrets.read_json(self.config.etcd_client_secret_name, ("ca", "cert", "key"))
+        value = self.secrets.read_json(self.config.etcd_client_secret_name, ETCD_CLIENT_KEYS)
         tls = self.lambda_client_tls
         tls.ca.parent.mkdir(parents=True, exist_ok=True)
         for path, pem in ((tls.ca, value["ca"]), (tls.cert, value["cert"]), (tls.key, value["key"])):

@@ -12,7 +12,15 @@ class UnknownClusterStateError(AgentError):
 
 
 class SecretUnreadableError(AgentError):
-    """A secret the node needs is missing, not readable or not in the expected JSON shape."""
+    """A secret the node needs is missing, not readable or not in the expected JSON shape.
+
+    ``not_written_yet``: the secret has no value or still holds the placeholder the stack created it with
+    (not JSON / not the shape), so a worker may wait for the initialiser; access or decryption errors are not.
+    """
+
+    def __init__(self, message: str, *, not_written_yet: bool = False) -> None:
+        super().__init__(message)
+        self.not_written_yet = not_written_yet
 
 
 class LeaseLostError(AgentError):

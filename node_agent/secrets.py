@@ -32,6 +32,8 @@ PKI_FILES = (
     "sa.pub",
 )
 _PRIVATE = (".key",)
+JOIN_KEYS = ("token", "caCertHash", "expiresAt", "apiEndpoint")
+ETCD_CLIENT_KEYS = ("ca", "cert", "key")
 
 
 @dataclass(frozen=True)
@@ -61,23 +63,29 @@ class SecretStore:
     def read_json(self, name: str, required: tuple[str, ...]) -> dict[str, str]:
         try:
             raw = self.client.get_secret_value(SecretId=name)["SecretString"]
-        except (ClientError, BotoCoreError, KeyError) as err:
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            raise SecretUnreadableError(
+                f"secret {name!r} cannot be read: {err}", not_written_yet=code == "ResourceNotFoundException"
+            ) from err
+        except (BotoCoreError, KeyError) as err:
             raise SecretUnreadableError(f"secret {name!r} cannot be read: {err}") from err
         try:
             value = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise SecretUnreadableError(f"secret {name!r} is not JSON ({err.msg})") from err
+            raise SecretUnreadableError(f"secret {name!r} is not JSON ({err.msg})", not_written_yet=True) from err
         if not isinstance(value, dict):
-            raise SecretUnreadableError(f"secret {name!r} is not a JSON object")
+            raise SecretUnreadableError(f"secret {name!r} is not a JSON object", not_written_yet=True)
         missing = [k for k in required if not isinstance(value.get(k), str) or not value.get(k)]
         if missing:
-            raise SecretUnreadableError(f"secret {name!r} lacks {', '.join(missing)}")
+            raise SecretUnreadableError(f"secret {name!r} lacks {', '.join(missing)}", not_written_yet=True)
         return {k: str(v) for k, v in value.items()}
 
-    def exists_with_value(self, name: str) -> bool:
+    def holds(self, name: str, required: tuple[str, ...]) -> bool:
+        """Has the agent written this secret (JSON of the expected shape, not the stack's placeholder)?"""
         try:
-            self.client.get_secret_value(SecretId=name)
-        except ClientError:
+            self.read_json(name, required)
+        except SecretUnreadableError:
             return False
         return True
 
@@ -104,7 +112,7 @@ class SecretStore:
         return {f: pki[f] for f in PKI_FILES}
 
     def read_join(self, name: str) -> JoinSecret:
-        v = self.read_json(name, ("token", "caCertHash", "expiresAt", "apiEndpoint"))
+        v = self.read_json(name, JOIN_KEYS)
         return JoinSecret(v["token"], v["caCertHash"], v["expiresAt"], v["apiEndpoint"])
 
     def write_join(self, name: str, secret: JoinSecret) -> None:

@@ -16,21 +16,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twin.canary_api import TwinClusterApi
+from twin.canary_api import twin_cluster_api
 from twin.cluster import Twin, TwinError, TwinOptions
 from twin.measure import summarize
 from twin.replacements import replacements_from_timeline, table
 
 
-def run_canary(api: TwinClusterApi, say: Any, report_path: Path) -> tuple[bool, dict[str, Any]]:
-    """The pipeline's canary, unchanged, against the twin."""
-    try:
-        from pipeline.canary import run as canary_run  # noqa: PLC0415
-    except ImportError as err:
-        say(f"!! the canary (pipeline/canary) is not available: {err}")
-        return False, {"error": f"canary not available: {err}"}
-    result = canary_run(api, report_path=report_path, log=say)
-    return bool(result.ok), dict(result.to_json()) if hasattr(result, "to_json") else {"ok": bool(result.ok)}
+def run_canary(twin: Twin, say: Any, report_path: Path) -> tuple[bool, dict[str, Any]]:
+    """The pipeline's canary, unchanged, with its production ClusterApi pointed at the twin."""
+    from pipeline.canary import CanaryOptions, run
+
+    options = CanaryOptions(replacement_timeout_s=150.0, poll_interval_s=0.5)
+    result = run(
+        twin_cluster_api(twin), options=options, report_path=report_path, log=lambda line: say(f"[canary] {line}")
+    )
+    doc = result.to_json()
+    doc.pop("samples", None)
+    return bool(result.ok), doc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(inits) != 1:
             problems.append(f"{len(inits)} initialisers")
         say("running the pipeline's canary (rolling replacement of every control-plane node)")
-        canary_ok, canary = run_canary(TwinClusterApi(twin), say, args.reports / "canary-report.json")
+        canary_ok, canary = run_canary(twin, say, args.reports / "canary-report.json")
         if not canary_ok:
             problems.append("the canary failed")
         try:
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print()
-    print(f"sentinel intact (canary): {canary.get('sentinel_intact', canary.get('sentinelIntact', '?'))}")
+    print(f"sentinel intact (canary): {canary.get('sentinel_intact')}")
     listed = ", ".join(f"{m.name} ({'healthy' if m.healthy else 'DOWN'})" for m in members)
     print(f"members at the end: {listed}")
     print(

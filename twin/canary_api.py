@@ -1,31 +1,48 @@
-"""The canary's ClusterApi over the twin: the REAL cluster-ops Lambda handler (status/put/get, invoked
-in-process as the canary would invoke the function) and the twin's Auto Scaling terminate (the same
-``TerminateInstanceInAutoScalingGroup`` call, through the twin's AWS endpoint, that reaches the lifecycle
-state machine)."""
+"""The canary's production ClusterApi (``pipeline.canary.Boto3ClusterApi``) pointed at the twin.
+
+Only the Lambda service is replaced: :class:`InProcessLambda` answers ``lambda.invoke`` by running the REAL
+cluster-ops handler in this process (moto's Lambda would need Docker) and returns the Invoke response shape
+(``Payload`` stream, ``FunctionError`` on an unhandled exception). Auto Scaling is the twin's AWS endpoint:
+``describe_auto_scaling_groups`` carries the twin's lifecycle states and
+``terminate_instance_in_auto_scaling_group`` reaches the twin's lifecycle state machine.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Any
 
-from twin.cluster import Twin
-from twin.lifecycle import IN_SERVICE
+from pipeline.canary import Boto3ClusterApi
+from twin.cluster import OPS_HANDLER, Twin
+from twin.events import LambdaContext, load_handler
 
 
-class TwinClusterApi:
-    def __init__(self, twin: Twin) -> None:
-        self.twin = twin
+class InProcessLambda:
+    def __init__(self, handlers: dict[str, str]) -> None:
+        self.handlers = handlers
+        self.invocations = 0
+        self.errors = 0
 
-    def status(self) -> Any:
-        return self.twin.ops("status")
+    def invoke(self, *, FunctionName: str, InvocationType: str = "RequestResponse", Payload: bytes = b"") -> Any:  # noqa: N803 (boto3's names)
+        self.invocations += 1
+        event = json.loads(Payload or b"null")
+        response: dict[str, Any] = {"StatusCode": 200, "ExecutedVersion": "$LATEST"}
+        try:
+            result = load_handler(self.handlers[FunctionName])(event, LambdaContext(FunctionName))
+        except Exception as err:
+            self.errors += 1
+            result = {"errorMessage": str(err), "errorType": type(err).__name__}
+            response["FunctionError"] = "Unhandled"
+        response["Payload"] = io.BytesIO(json.dumps(result, default=str).encode())
+        return response
 
-    def put(self, key: str, value: str) -> Any:
-        return self.twin.ops("put", key=key, value=value)
 
-    def get(self, key: str) -> Any:
-        return self.twin.ops("get", key=key)
-
-    def in_service_instances(self) -> list[str]:
-        return sorted(i.instance_id for i in self.twin.control_plane_instances(IN_SERVICE))
-
-    def terminate(self, instance_id: str) -> None:
-        self.twin.terminate(instance_id)
+def twin_cluster_api(twin: Twin) -> Boto3ClusterApi:
+    cfg = twin.cfg
+    return Boto3ClusterApi(
+        function_name=cfg.cluster_ops_function_name,
+        group_names=list(cfg.control_plane_group_names),
+        lambda_client=InProcessLambda({cfg.cluster_ops_function_name: OPS_HANDLER}),
+        autoscaling_client=twin.aws.client("autoscaling"),
+    )

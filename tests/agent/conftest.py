@@ -93,12 +93,18 @@ def aws() -> Iterator[dict[str, Any]]:
             )
             kms = boto3.client("kms", region_name=REGION)
             key_id = kms.create_key()["KeyMetadata"]["Arn"]
+            secrets = boto3.client("secretsmanager", region_name=REGION)
+            for name in ("dedicated-k8s/demo/pki", "dedicated-k8s/demo/etcd-client", "dedicated-k8s/demo/worker-join"):
+                # As the stack creates them: KMS-encrypted, holding a generated placeholder, not the agent's JSON.
+                secrets.create_secret(
+                    Name=name, KmsKeyId=key_id, SecretString=secrets.get_random_password()["RandomPassword"]
+                )
             yield {
                 "dynamodb": Serialized(ddb),
                 "s3": s3,
                 "kms": kms,
                 "kms_key_id": key_id,
-                "secretsmanager": Serialized(boto3.client("secretsmanager", region_name=REGION)),
+                "secretsmanager": Serialized(secrets),
                 "ec2": boto3.client("ec2", region_name=REGION),
                 "autoscaling": boto3.client("autoscaling", region_name=REGION),
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,41 @@ def test_someone_elses_learner_makes_me_wait_and_abandon_rather_than_join_beside
     assert hook.result == "ABANDON"
     assert runner.commands("kubeadm join") == [], "one membership change at a time (invariant 4a)"
     assert "98" in cluster.members
+
+
+def test_a_worker_started_before_the_cluster_waits_for_the_join_secret(aws: dict[str, Any], tmp_path: Path) -> None:
+    """Workers cannot read the cluster-state table: they wait while the join secret holds the placeholder."""
+    cluster = FakeEtcdCluster()
+    cfg = AgentConfig.from_mapping(config_values(role="worker"))
+    worker, hook, runner = _agent(aws, tmp_path, _moto_instance(aws), cluster, cfg=cfg)
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(worker.run_launch()))
+    thread.start()
+    time.sleep(0.3)
+    assert thread.is_alive() and runner.calls == [], "nothing runs before the join secret is written"
+    first, _, _ = _agent(aws, tmp_path, _moto_instance(aws), cluster)
+    assert first.run_launch().ok
+    thread.join(timeout=20)
+    assert result and result[0].action == "worker-joined"
+    assert hook.calls == [("CONTINUE", "worker-joined")]
+
+
+class DeniedSecrets:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def get_secret_value(self, **kwargs: Any) -> Any:
+        from botocore.exceptions import ClientError
+
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not authorized"}}, "GetSecretValue")
+
+
+def test_a_worker_that_may_not_read_the_join_secret_abandons_at_once(aws: dict[str, Any], tmp_path: Path) -> None:
+    cfg = AgentConfig.from_mapping(config_values(role="worker"))
+    worker, hook, runner = _agent(aws, tmp_path, _moto_instance(aws), FakeEtcdCluster(), cfg=cfg)
+    worker.secrets.client = DeniedSecrets(worker.secrets.client)
+    started = time.monotonic()
+    outcome = worker.run_launch()
+    assert not outcome.ok and "AccessDeniedException" in outcome.reason
+    assert time.monotonic() - started < 2, "an access error is not worth waiting for"
+    assert hook.calls == [("ABANDON", outcome.reason)] and runner.calls == []
