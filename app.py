@@ -18,19 +18,23 @@ from stages.config import ClusterConfig, ConfigError
 def build_app(app: cdk.App) -> cdk.App:
     """Compose the stacks into ``app`` (tests call this with their own context)."""
     # Imported here so a configuration error is reported before any construct code is loaded.
-    from stages.cluster_stack import K8sClusterStack
-    from stages.iam_stack import IamStack
+    from pipeline.config import PipelineSettings
+    from pipeline.pipeline_stack import PipelineStack
+    from stages.compose import add_cluster_stacks
     from stages.nag import apply_policy_checks
 
     config = ClusterConfig.from_context(app.node.try_get_context)
-    env = cdk.Environment(account=config.account, region=config.region)
-    iam = IamStack(app, "IamStack", config=config, env=env, stack_name=f"{config.resource_prefix}-iam")
-    cluster = K8sClusterStack(
-        app, "K8sClusterStack", config=config, env=env, stack_name=f"{config.resource_prefix}-cluster"
+    settings = PipelineSettings.from_context(app.node.try_get_context)
+    add_cluster_stacks(app, config)
+    PipelineStack(
+        app,
+        "PipelineStack",
+        config=config,
+        settings=settings,
+        # The pipeline lives with the cluster unless pipelineAccount/pipelineRegion say otherwise.
+        env=cdk.Environment(account=settings.account or config.account, region=settings.region or config.region),
+        stack_name=f"{config.resource_prefix}-pipeline",
     )
-    # The cluster stack uses IamStack's roles by name (no CloudFormation exports, so IamStack can
-    # change without blocking on imports); the dependency keeps `cdk deploy` ordering right.
-    cluster.add_stack_dependency(iam)
     apply_policy_checks(app)
     return app
 

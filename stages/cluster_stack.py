@@ -104,8 +104,8 @@ class K8sClusterStack(cdk.Stack):
             "VpcId": network.vpc.vpc_id,
             "AlarmTopicArn": alarm_topic.topic.topic_arn,
         }
-        for key, value in outputs.items():
-            cdk.CfnOutput(self, key, value=value)
+        # Read by the pipeline's canary step (env_from_cfn_outputs) and by `cdk deploy --outputs-file`.
+        self.outputs = {key: cdk.CfnOutput(self, key, value=value) for key, value in outputs.items()}
         self.control_plane = control_plane
         self.workers = workers
         self.lifecycle = lifecycle

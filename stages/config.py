@@ -41,6 +41,9 @@ CONTEXT_KEYS = (
     "region",
 )
 
+# Context keys that belong to someone else: CDK's feature flags and the pipeline's own settings.
+NOT_CLUSTER_KEY_PREFIXES = ("@aws-cdk", "aws-cdk", "cdk", "pipeline", "staging", "production", "codeArtifact")
+
 TENANCIES = ("dedicated", "default")
 # Families that cannot be launched as Dedicated Instances (burstable and Mac instances need
 # Dedicated Hosts or shared tenancy), per the EC2 Dedicated Instances documentation.
@@ -391,10 +394,9 @@ class _Parser:
         )
 
     def _unknown_keys(self) -> list[str]:
-        # CDK's context also carries its own feature flags (``@aws-cdk/...``); those are not ours.
-        return [
-            k for k in self._given_keys if not k.startswith(("@aws-cdk", "aws-cdk", "cdk")) and k not in CONTEXT_KEYS
-        ]
+        # CDK's context also carries its own feature flags (``@aws-cdk/...``); those are not ours, and
+        # neither are the pipeline's settings (pipeline/config.py validates those).
+        return [k for k in self._given_keys if not k.startswith(NOT_CLUSTER_KEY_PREFIXES) and k not in CONTEXT_KEYS]
 
     def _vpc(self, zones: tuple[str, ...]) -> VpcConfig:
         vpc_id = self.string("vpcId")

@@ -1,0 +1,512 @@
+"""PipelineStack: the self-mutating CDK Pipeline that promotes IamStack + K8sClusterStack.
+
+    Source -> Build (make test, npx cdk synth) -> UpdatePipeline (self-mutation) -> Assets
+        -> Ami (Image Builder; AMI ID to the SSM parameter the cluster config reads)
+        -> Staging (IamStack, K8sClusterStack, then the quorum canary)
+        -> Production (manual approval, IamStack, K8sClusterStack, then the quorum canary)
+
+Failures and approval waits are announced on a KMS-encrypted SNS topic through a CodeStar
+notification rule. Every CodeBuild role is scoped to what its step does; the few wildcards that AWS
+requires (describe calls without resource-level permissions) are suppressed next to the step with the
+reason.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from typing import Any
+
+import aws_cdk as cdk
+from aws_cdk import aws_codebuild as codebuild
+from aws_cdk import aws_codecommit as codecommit
+from aws_cdk import aws_codestarnotifications as notifications
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_ssm as ssm
+from aws_cdk import pipelines
+from constructs import Construct
+
+from pipeline.config import PipelineSettings, StageTarget
+from stages.cluster_stage import ClusterStage
+from stages.config import ClusterConfig
+from stages.nag import skip_checkov, suppress
+
+# The CDK CLI the pipeline's own actions (self-mutation, asset publishing) install: the one package.json pins.
+CDK_CLI_VERSION = "2.1148.1"
+AMI_BUILD_SCRIPT = "build-k8s-ami-imagebuilder.sh"
+# Events of the pipeline that someone must hear about.
+NOTIFIED_EVENTS = (
+    "codepipeline-pipeline-pipeline-execution-failed",
+    "codepipeline-pipeline-manual-approval-needed",
+)
+_RUNTIMES = {"python": "3.11", "nodejs": "20"}
+# How cdk-nag prints a region / account inside a finding: a token name or a literal.
+_REGION = r"(<AWS::Region>|[a-z0-9-]+)"
+_ACCOUNT = r"(<AWS::AccountId>|\d{12})"
+
+
+def _partial_build_spec(**extra: Any) -> codebuild.BuildSpec:
+    """Pinned runtimes and bash (``set -o pipefail`` works) for every step."""
+    return codebuild.BuildSpec.from_object(
+        {"env": {"shell": "bash", **extra}, "phases": {"install": {"runtime-versions": _RUNTIMES}}}
+    )
+
+
+class PipelineStack(cdk.Stack):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: ClusterConfig,
+        settings: PipelineSettings,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.config = config
+        self.settings = settings
+        staging = _stage_config(settings.staging)
+        production = _stage_config(settings.production)
+
+        self.source = self._source()
+        self.synth_step = self._synth_step()
+        self.pipeline = pipelines.CodePipeline(
+            self,
+            "Pipeline",
+            pipeline_name=f"{config.resource_prefix}-pipeline",
+            synth=self.synth_step,
+            self_mutation=True,
+            cross_account_keys=settings.cross_account,
+            enable_key_rotation=settings.cross_account or None,
+            cli_version=CDK_CLI_VERSION,
+            publish_assets_in_parallel=False,
+            docker_enabled_for_synth=False,
+            code_build_defaults=pipelines.CodeBuildOptions(
+                build_environment=codebuild.BuildEnvironment(
+                    build_image=codebuild.LinuxBuildImage.STANDARD_7_0,
+                    compute_type=codebuild.ComputeType.MEDIUM,
+                    privileged=False,
+                ),
+                partial_build_spec=_partial_build_spec(),
+            ),
+        )
+
+        self.ami_step = self._ami_step([staging, production])
+        self.pipeline.add_wave("Ami", post=[self.ami_step])
+
+        self.staging_stage = ClusterStage(self, "Staging", config=staging)
+        self.staging_canary = self._canary_step("StagingCanary", self.staging_stage)
+        self.pipeline.add_stage(self.staging_stage, post=[self.staging_canary])
+
+        self.approval = pipelines.ManualApprovalStep(
+            "PromoteToProduction",
+            comment=(
+                f"Staging cluster {staging.cluster_name} deployed and its quorum canary passed. "
+                f"Approve to deploy {production.cluster_name}."
+            ),
+        )
+        self.production_stage = ClusterStage(self, "Production", config=production)
+        self.production_canary = self._canary_step("ProductionCanary", self.production_stage)
+        self.pipeline.add_stage(self.production_stage, pre=[self.approval], post=[self.production_canary])
+
+        # Materialise the CodePipeline now so the notification rule and the suppressions can reach it.
+        self.pipeline.build_pipeline()
+        # cfn-lint on what CDK Pipelines generates: E3703 wants Fn::Sub in the deploy actions' RoleArn
+        # (CDK writes Fn::Join; both resolve identically) and W3005 notes that the generated DependsOn on
+        # the pipeline role repeats the GetAtt. Neither is a defect of this pipeline.
+        cfn_pipeline = self.pipeline.pipeline.node.default_child
+        assert isinstance(cfn_pipeline, cdk.CfnResource)
+        cfn_pipeline.add_metadata("cfn-lint", {"config": {"ignore_checks": ["E3703", "W3005"]}})
+        self.topic = self._notifications()
+        self._policy_exceptions()
+
+    # --- source ---------------------------------------------------------------------------------
+
+    def _source(self) -> pipelines.CodePipelineSource:
+        settings, config = self.settings, self.config
+        if settings.source == "codecommit":
+            assert settings.codecommit_repository is not None
+            repository = codecommit.Repository.from_repository_name(
+                self, "SourceRepository", settings.codecommit_repository
+            )
+            return pipelines.CodePipelineSource.code_commit(repository, settings.branch)
+        if settings.source == "s3":
+            bucket_name = (
+                settings.s3_bucket or f"{config.resource_prefix}-pipeline-source-{cdk.Aws.ACCOUNT_ID}-{cdk.Aws.REGION}"
+            )
+            bucket = s3.Bucket.from_bucket_name(self, "SourceBucket", bucket_name)
+            return pipelines.CodePipelineSource.s3(bucket, settings.s3_key, action_name="Source")
+        assert settings.repository is not None
+        # Without an ARN in context, the connection ARN is read at deploy time from SSM: nothing
+        # account-specific has to be committed to cdk.json.
+        connection_arn = settings.connection_arn or ssm.StringParameter.value_for_string_parameter(
+            self, f"{config.ssm_prefix}/pipeline/connection-arn"
+        )
+        return pipelines.CodePipelineSource.connection(
+            settings.repository, settings.branch, connection_arn=connection_arn, trigger_on_push=True
+        )
+
+    # --- synth ----------------------------------------------------------------------------------
+
+    def _code_artifact(self) -> tuple[list[str], dict[str, str], list[iam.PolicyStatement]]:
+        """Install commands, environment and permissions for the optional CodeArtifact mirror."""
+        settings = self.settings
+        if settings.code_artifact_domain is None or settings.code_artifact_repository is None:
+            return [], {}, []
+        owner = settings.code_artifact_owner or cdk.Aws.ACCOUNT_ID
+        env = {
+            "CODEARTIFACT_DOMAIN": settings.code_artifact_domain,
+            "CODEARTIFACT_REPOSITORY": settings.code_artifact_repository,
+            "CODEARTIFACT_OWNER": owner,
+        }
+        login = (
+            'aws codeartifact login --tool {tool} --domain "$CODEARTIFACT_DOMAIN" '
+            '--domain-owner "$CODEARTIFACT_OWNER" --repository "$CODEARTIFACT_REPOSITORY"'
+        )
+        domain_arn = self.format_arn(
+            service="codeartifact", resource="domain", resource_name=settings.code_artifact_domain, account=owner
+        )
+        repository_arn = self.format_arn(
+            service="codeartifact",
+            resource="repository",
+            resource_name=f"{settings.code_artifact_domain}/{settings.code_artifact_repository}",
+            account=owner,
+        )
+        package_arn = self.format_arn(
+            service="codeartifact",
+            resource="package",
+            resource_name=f"{settings.code_artifact_domain}/{settings.code_artifact_repository}/*",
+            account=owner,
+        )
+        statements = [
+            iam.PolicyStatement(actions=["codeartifact:GetAuthorizationToken"], resources=[domain_arn]),
+            iam.PolicyStatement(
+                actions=["codeartifact:GetRepositoryEndpoint", "codeartifact:ReadFromRepository"],
+                resources=[repository_arn, package_arn],
+            ),
+            iam.PolicyStatement(
+                actions=["sts:GetServiceBearerToken"],
+                resources=["*"],
+                conditions={"StringEquals": {"sts:AWSServiceName": "codeartifact.amazonaws.com"}},
+            ),
+        ]
+        return [login.format(tool="pip"), login.format(tool="npm")], env, statements
+
+    def _synth_step(self) -> pipelines.CodeBuildStep:
+        login, env, statements = self._code_artifact()
+        self._code_artifact_statements = statements
+        return pipelines.CodeBuildStep(
+            "Synth",
+            input=self.source,
+            # Pinned: requirements.txt / requirements-checkov.txt (==) and package-lock.json (npm ci).
+            install_commands=[*login, "make setup"],
+            # Unit tests, ruff, mypy, cfn-lint, checkov and cdk-nag; any failure ends the build here.
+            commands=["make test", "npx cdk synth"],
+            env={"JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "1", **env},
+            role_policy_statements=statements,
+            primary_output_directory="cdk.out",
+            timeout=cdk.Duration.minutes(45),
+        )
+
+    # --- AMI ------------------------------------------------------------------------------------
+
+    def _ami_step(self, stages: Sequence[ClusterConfig]) -> pipelines.CodeBuildStep:
+        """Run the Image Builder pipeline, then publish the AMI ID where the stages read it.
+
+        Stage stacks resolve ``ClusterConfig.ami`` (an SSM parameter name by default) at deploy time,
+        so writing the parameter here is how the new AMI reaches both stages; the ID is also exported
+        as the pipeline variable ``AMI_ID`` (the canaries log it).
+        """
+        config = self.config
+        region = self.region if not cdk.Token.is_unresolved(self.region) else cdk.Aws.REGION
+        targets = sorted({(c.ami, c.region) for c in stages if c.ami_is_ssm_parameter and self._same_account(c)})
+        publish = [
+            f"aws ssm put-parameter --region {shlex.quote(r)} --name {shlex.quote(name)} --type String "
+            '--data-type aws:ec2:image --overwrite --value "$AMI_ID"'
+            for name, r in targets
+        ]
+        statements = [
+            iam.PolicyStatement(
+                sid="RunImagePipeline",
+                actions=[
+                    "imagebuilder:StartImagePipelineExecution",
+                    "imagebuilder:GetImagePipeline",
+                    "imagebuilder:ListImagePipelineImages",
+                ],
+                resources=[
+                    self.format_arn(
+                        service="imagebuilder", resource="image-pipeline", resource_name=f"{config.resource_prefix}*"
+                    )
+                ],
+            ),
+            iam.PolicyStatement(
+                sid="ReadBuiltImage",
+                actions=["imagebuilder:GetImage"],
+                resources=[
+                    self.format_arn(
+                        service="imagebuilder", resource="image", resource_name=f"{config.resource_prefix}*"
+                    )
+                ],
+            ),
+            iam.PolicyStatement(
+                sid="DescribeImages",
+                actions=["imagebuilder:ListImagePipelines", "ec2:DescribeImages"],
+                resources=["*"],
+            ),
+        ]
+        if targets:
+            statements.append(
+                iam.PolicyStatement(
+                    sid="PublishAmiId",
+                    actions=["ssm:PutParameter", "ssm:GetParameter"],
+                    resources=sorted(
+                        {
+                            self.format_arn(service="ssm", region=r, resource="parameter", resource_name=name[1:])
+                            for name, r in targets
+                        }
+                    ),
+                )
+            )
+        return pipelines.CodeBuildStep(
+            "BuildAmi",
+            input=self.source,
+            commands=[
+                # The script shows progress and prints the AMI ID; the last ami-... it prints is the one.
+                f"cd scripts && bash -o pipefail -c './{AMI_BUILD_SCRIPT} --region \"$AMI_REGION\" | tee /tmp/ami.log'",
+                "export AMI_ID=$(grep -Eo 'ami-[0-9a-f]{8,17}' /tmp/ami.log | tail -n 1)",
+                'test -n "$AMI_ID" || { echo "the AMI build printed no AMI ID" >&2; exit 1; }',
+                *publish,
+                'echo "AMI_ID=$AMI_ID"',
+            ],
+            env={"AMI_REGION": region},
+            role_policy_statements=statements,
+            timeout=cdk.Duration.hours(3),
+        )
+
+    def _same_account(self, config: ClusterConfig) -> bool:
+        return config.account is None or config.account == self.settings.account
+
+    # --- canary ---------------------------------------------------------------------------------
+
+    def _canary_step(self, step_id: str, stage: ClusterStage) -> pipelines.CodeBuildStep:
+        """The quorum canary against the stage's cluster, fed by the cluster stack's outputs."""
+        config = stage.config
+        outputs = stage.cluster.outputs
+        account = config.account or self.account
+        function_arn = self.format_arn(
+            service="lambda",
+            region=config.region,
+            account=account,
+            resource="function",
+            resource_name=config.cluster_ops_function_name,
+            arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+        )
+        group_arn = self.format_arn(
+            service="autoscaling",
+            region=config.region,
+            account=account,
+            resource="autoScalingGroup",
+            resource_name=f"*:autoScalingGroupName/{config.resource_prefix}-control-plane-*",
+            arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+        )
+        statements = [
+            iam.PolicyStatement(sid="ClusterOps", actions=["lambda:InvokeFunction"], resources=[function_arn]),
+            # DescribeAutoScalingGroups has no resource-level permissions: it needs "*".
+            iam.PolicyStatement(sid="ReadGroups", actions=["autoscaling:DescribeAutoScalingGroups"], resources=["*"]),
+            iam.PolicyStatement(
+                sid="ReplaceControlPlaneNodes",
+                actions=["autoscaling:TerminateInstanceInAutoScalingGroup"],
+                resources=[group_arn],
+                conditions={
+                    "StringEquals": {f"autoscaling:ResourceTag/{ClusterConfig.CLUSTER_TAG_KEY}": config.cluster_name}
+                },
+            ),
+        ]
+        per_replacement = 1200
+        return pipelines.CodeBuildStep(
+            step_id,
+            input=self.source,
+            install_commands=[
+                # Only what the canary imports, at the versions requirements.txt pins.
+                "python -m pip install --quiet "
+                "$(grep -E '^(boto3|botocore|s3transfer|jmespath|python-dateutil|six|urllib3)==' requirements.txt)"
+            ],
+            commands=[
+                "mkdir -p canary",
+                "python -m pipeline.canary "
+                f"--region {config.region} --expected-voters {config.control_plane_count} "
+                f"--replacement-timeout {per_replacement} --report canary/{step_id}-report.json",
+            ],
+            env={"AMI_ID": self.ami_step.exported_variable("AMI_ID"), "CLUSTER_REGION": config.region},
+            env_from_cfn_outputs={
+                "CONTROL_PLANE_GROUP_NAMES": outputs["ControlPlaneGroupNames"],
+                "CLUSTER_OPS_FUNCTION_NAME": outputs["ClusterOpsFunctionName"],
+                "CLUSTER_NAME": outputs["ClusterName"],
+            },
+            role_policy_statements=statements,
+            primary_output_directory="canary",
+            timeout=cdk.Duration.seconds(per_replacement * config.control_plane_count + 1800),
+        )
+
+    # --- notifications --------------------------------------------------------------------------
+
+    def _notifications(self) -> sns.Topic:
+        key = kms.Key(
+            self,
+            "NotificationsKey",
+            description=f"dedicated-k8s {self.config.cluster_name}: pipeline notifications topic",
+            enable_key_rotation=True,
+        )
+        # CodeStar Notifications publishes to the encrypted topic: it needs the key, through SNS only.
+        key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="CodeStarNotifications",
+                principals=[iam.ServicePrincipal("codestar-notifications.amazonaws.com")],
+                actions=["kms:GenerateDataKey*", "kms:Decrypt"],
+                resources=["*"],
+                conditions={"StringEquals": {"kms:ViaService": f"sns.{self.region}.amazonaws.com"}},
+            )
+        )
+        topic = sns.Topic(
+            self,
+            "Notifications",
+            topic_name=f"{self.config.resource_prefix}-pipeline-notifications",
+            master_key=key,
+            enforce_ssl=True,
+        )
+        for email in self.settings.notification_emails:
+            topic.add_subscription(subscriptions.EmailSubscription(email))
+        notifications.NotificationRule(
+            self,
+            "PipelineNotifications",
+            notification_rule_name=f"{self.config.resource_prefix}-pipeline",
+            source=self.pipeline.pipeline,
+            events=list(NOTIFIED_EVENTS),
+            targets=[topic],
+            detail_type=notifications.DetailType.FULL,
+        )
+        return topic
+
+    # --- policy exceptions ----------------------------------------------------------------------
+
+    def _policy_exceptions(self) -> None:
+        """cdk-nag exceptions, each scoped to the findings it explains and carrying the reason."""
+        prefix = self.config.resource_prefix
+        suppress(
+            self.pipeline,
+            "AwsSolutions-IAM5",
+            "CDK Pipelines' generated grants: each role reads/writes objects of this pipeline's own artifact "
+            "bucket (and uses its key), and each CodeBuild project writes its own log group and report groups",
+            applies_to=[
+                *(
+                    f"Action::s3:{action}"
+                    for action in ("Abort*", "DeleteObject*", "GetBucket*", "GetObject*", "List*")
+                ),
+                "Action::kms:GenerateDataKey*",
+                "Action::kms:ReEncrypt*",
+                _regex(r"Resource::<PipelineArtifactsBucket[0-9A-F]{8}\.Arn>/\*"),
+                _regex(rf"Resource::arn:<AWS::Partition>:logs:{_REGION}:{_ACCOUNT}:log-group:/aws/codebuild/.*"),
+                _regex(rf"Resource::arn:<AWS::Partition>:codebuild:{_REGION}:{_ACCOUNT}:report-group/.*"),
+            ],
+        )
+        for child, what in (
+            ("UpdatePipeline", "self-mutation runs `cdk deploy`"),
+            ("Assets", "asset publishing runs `cdk-assets`"),
+        ):
+            generated = self.pipeline.node.try_find_child(child)
+            if generated is not None:
+                suppress(
+                    generated,
+                    "AwsSolutions-IAM5",
+                    f"{what}: it assumes only the CDK bootstrap roles (by their bootstrap-role tag) and calls "
+                    "cloudformation:DescribeStacks / s3:ListBucket / CodeBuild batch calls that take no resource ARN",
+                    applies_to=["Resource::*", _regex(rf"Resource::arn:\*:iam::{_ACCOUNT}:role/\*")],
+                )
+        suppress(
+            self.pipeline.pipeline.artifact_bucket,
+            "AwsSolutions-S1",
+            "holds only transient pipeline artifacts written and read by this pipeline's roles; every access is "
+            "in CloudTrail, and per-object access logs would add a log bucket that logs nothing new",
+        )
+        artifact_bucket = self.pipeline.pipeline.artifact_bucket.node.default_child
+        assert isinstance(artifact_bucket, cdk.CfnResource)
+        skip_checkov(
+            artifact_bucket,
+            [
+                ("CKV_AWS_18", "transient pipeline artifacts; access is by this pipeline's roles and is in CloudTrail"),
+                ("CKV_AWS_21", "each execution writes new artifact keys; nothing is overwritten that versioning keeps"),
+            ],
+        )
+        assets = self.pipeline.node.try_find_child("Assets")
+        file_role = assets.node.try_find_child("FileRole") if assets is not None else None
+        file_policy = file_role.node.try_find_child("DefaultPolicy") if file_role is not None else None
+        if file_policy is not None and isinstance(file_policy.node.default_child, cdk.CfnResource):
+            skip_checkov(
+                file_policy.node.default_child,
+                [
+                    (
+                        "CKV_AWS_111",
+                        "CDK Pipelines' asset-publishing role: codebuild:StartBuild/StopBuild are generated on *",
+                    )
+                ],
+            )
+        if not self.settings.cross_account:
+            suppress(
+                self.pipeline,
+                "AwsSolutions-CB4",
+                "single-account pipeline: CDK Pipelines creates no customer-managed artifact key, so build "
+                "artifacts are encrypted with the AWS-managed S3 key in the SSE-encrypted artifact bucket; a stage "
+                "in another account (or cross-account keys) switches every project to the pipeline's KMS key",
+            )
+        for step, stage in ((self.staging_canary, self.staging_stage), (self.production_canary, self.production_stage)):
+            suppress(
+                step.project,
+                "AwsSolutions-IAM5",
+                "autoscaling:DescribeAutoScalingGroups supports no resource-level permissions; terminate is "
+                "limited to this cluster's control-plane groups by name prefix and by the cluster tag",
+                applies_to=[
+                    "Resource::*",
+                    _regex(
+                        rf"Resource::arn:<AWS::Partition>:autoscaling:{_REGION}:{_ACCOUNT}:autoScalingGroup:\*:"
+                        rf"autoScalingGroupName/{stage.config.resource_prefix}-control-plane-\*"
+                    ),
+                ],
+            )
+        suppress(
+            self.ami_step.project,
+            "AwsSolutions-IAM5",
+            "imagebuilder:ListImagePipelines and ec2:DescribeImages support no resource-level permissions; the "
+            "image pipeline and its images are limited to this cluster's name prefix",
+            applies_to=[
+                "Resource::*",
+                _regex(
+                    rf"Resource::arn:<AWS::Partition>:imagebuilder:{_REGION}:{_ACCOUNT}:(image-pipeline|image)/{prefix}\*"
+                ),
+            ],
+        )
+        if self._code_artifact_statements:
+            suppress(
+                self.synth_step.project,
+                "AwsSolutions-IAM5",
+                "sts:GetServiceBearerToken has no resource-level permissions (limited to CodeArtifact by "
+                "condition); package reads cover the mirror repository's packages",
+                applies_to=[
+                    "Resource::*",
+                    _regex(rf"Resource::arn:<AWS::Partition>:codeartifact:{_REGION}:{_ACCOUNT}:package/.*"),
+                ],
+            )
+
+
+def _stage_config(target: StageTarget) -> ClusterConfig:
+    if target.config is None:
+        raise ValueError(f"the {target.name} stage has no cluster configuration (use PipelineSettings.from_context)")
+    return target.config
+
+
+def _regex(pattern: str) -> dict[str, str]:
+    """A cdk-nag ``applies_to`` entry matching the whole finding text."""
+    return {"regex": f"/^{pattern}$/g"}
