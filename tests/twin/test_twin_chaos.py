@@ -10,9 +10,6 @@ import pytest
 from twin.chaos import Chaos
 from twin.cluster import Twin
 
-pytest.importorskip("lambdas.etcd_lifecycle.handler", reason="the Lambda (issue 4) has not landed")
-pytest.importorskip("lambdas.reconciler.handler", reason="the Lambda (issue 4) has not landed")
-
 
 def _run(twin: Twin, count: int, seed: int, dr: bool) -> None:
     lines: list[str] = []

@@ -1,0 +1,236 @@
+"""What the Lambdas need from AWS, over boto3: settings from the environment, the control-plane
+instances (by tag and by Auto Scaling group), the etcd client certificate, the lifecycle-hook calls and
+the retry queue. Domain decisions stay in :mod:`lambdas.common.membership` and
+:mod:`lambdas.common.termination`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from lambdas.common.etcd_client import EtcdClient, TlsMaterial
+
+CLIENT_PORT = 2379
+GONE_STATES = frozenset({"shutting-down", "terminated"})
+
+
+class SettingsError(ValueError):
+    """A required environment variable is missing or malformed (the stack sets them all)."""
+
+
+@dataclass(frozen=True)
+class LambdaSettings:
+    cluster_name: str
+    cluster_tag_key: str
+    role_tag_key: str
+    control_plane_groups: tuple[str, ...]
+    etcd_client_secret_name: str
+    retry_queue_url: str
+    retry_delay_seconds: int
+    removal_deadline_seconds: int
+    desired_members: int
+    metrics_namespace: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LambdaSettings:
+        env = os.environ if env is None else env
+
+        def need(key: str) -> str:
+            value = env.get(key, "").strip()
+            if not value:
+                raise SettingsError(f"environment variable {key} is not set")
+            return value
+
+        def number(key: str, default: int) -> int:
+            raw = env.get(key, str(default)).strip()
+            if not raw.isdigit() or int(raw) <= 0:
+                raise SettingsError(f"environment variable {key}={raw!r} must be a positive integer")
+            return int(raw)
+
+        groups = tuple(g.strip() for g in need("CONTROL_PLANE_GROUP_NAMES").split(",") if g.strip())
+        return cls(
+            cluster_name=need("CLUSTER_NAME"),
+            cluster_tag_key=env.get("CLUSTER_TAG_KEY", "dedicated-k8s:cluster"),
+            role_tag_key=env.get("ROLE_TAG_KEY", "dedicated-k8s:role"),
+            control_plane_groups=groups,
+            etcd_client_secret_name=need("ETCD_CLIENT_SECRET_NAME"),
+            retry_queue_url=env.get("RETRY_QUEUE_URL", ""),
+            retry_delay_seconds=min(number("RETRY_DELAY_SECONDS", 30), 900),  # SQS DelaySeconds <= 900
+            removal_deadline_seconds=number("REMOVAL_DEADLINE_SECONDS", 3600),
+            desired_members=number("DESIRED_MEMBERS", 3),
+            metrics_namespace=env.get("METRICS_NAMESPACE", "DedicatedK8s"),
+        )
+
+
+@dataclass(frozen=True)
+class GroupInstance:
+    instance_id: str
+    group: str
+    lifecycle_state: str
+
+
+def _error_code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+class ClusterAws:
+    """boto3 calls, each small enough to read at a glance; clients are injected (moto in tests)."""
+
+    def __init__(self, settings: LambdaSettings, *, ec2: Any, autoscaling: Any, secretsmanager: Any, sqs: Any) -> None:
+        self.settings = settings
+        self.ec2 = ec2
+        self.autoscaling = autoscaling
+        self.secretsmanager = secretsmanager
+        self.sqs = sqs
+
+    @classmethod
+    def from_boto3(cls, settings: LambdaSettings) -> ClusterAws:
+        import boto3
+
+        return cls(
+            settings,
+            ec2=boto3.client("ec2"),
+            autoscaling=boto3.client("autoscaling"),
+            secretsmanager=boto3.client("secretsmanager"),
+            sqs=boto3.client("sqs"),
+        )
+
+    # -- instances ------------------------------------------------------------------------------------------------
+    def running_control_plane_ips(self, exclude: Iterable[str] = ()) -> dict[str, str]:
+        """instance ID -> private IP of the cluster's running control-plane instances (found by tag)."""
+        skip = set(exclude)
+        found: dict[str, str] = {}
+        paginator = self.ec2.get_paginator("describe_instances")
+        filters = [
+            {"Name": f"tag:{self.settings.cluster_tag_key}", "Values": [self.settings.cluster_name]},
+            {"Name": f"tag:{self.settings.role_tag_key}", "Values": ["control-plane"]},
+            {"Name": "instance-state-name", "Values": ["running"]},
+        ]
+        for page in paginator.paginate(Filters=filters):
+            for reservation in page.get("Reservations", []):
+                for inst in reservation.get("Instances", []):
+                    iid, ip = inst.get("InstanceId"), inst.get("PrivateIpAddress")
+                    if iid and ip and iid not in skip:
+                        found[iid] = ip
+        return dict(sorted(found.items()))
+
+    def etcd_endpoints(self, exclude: Iterable[str] = ()) -> list[str]:
+        return [f"https://{ip}:{CLIENT_PORT}" for ip in self.running_control_plane_ips(exclude).values()]
+
+    def instance_states(self, instance_ids: Sequence[str]) -> dict[str, str | None]:
+        """instance ID -> EC2 state name, or None when EC2 does not know the ID (long gone)."""
+        states: dict[str, str | None] = dict.fromkeys(instance_ids)
+        for iid in instance_ids:  # one by one: an unknown ID fails the whole batch call
+            try:
+                resp = self.ec2.describe_instances(InstanceIds=[iid])
+            except ClientError as err:
+                if _error_code(err) in ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"):
+                    continue
+                raise
+            for reservation in resp.get("Reservations", []):
+                for inst in reservation.get("Instances", []):
+                    states[iid] = inst.get("State", {}).get("Name")
+        return states
+
+    def private_ip(self, instance_id: str) -> str | None:
+        try:
+            resp = self.ec2.describe_instances(InstanceIds=[instance_id])
+        except ClientError as err:
+            if _error_code(err).startswith("InvalidInstanceID"):
+                return None
+            raise
+        for reservation in resp.get("Reservations", []):
+            for inst in reservation.get("Instances", []):
+                return str(inst["PrivateIpAddress"]) if inst.get("PrivateIpAddress") else None
+        return None
+
+    def group_instances(self) -> list[GroupInstance]:
+        found: list[GroupInstance] = []
+        paginator = self.autoscaling.get_paginator("describe_auto_scaling_groups")
+        for page in paginator.paginate(AutoScalingGroupNames=list(self.settings.control_plane_groups)):
+            for group in page.get("AutoScalingGroups", []):
+                for inst in group.get("Instances", []):
+                    found.append(
+                        GroupInstance(inst["InstanceId"], group["AutoScalingGroupName"], inst["LifecycleState"])
+                    )
+        return found
+
+    def terminate_hook_name(self, group: str) -> str | None:
+        resp = self.autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group)
+        for hook in resp.get("LifecycleHooks", []):
+            if hook.get("LifecycleTransition") == "autoscaling:EC2_INSTANCE_TERMINATING":
+                return str(hook["LifecycleHookName"])
+        return None
+
+    # -- etcd credentials ---------------------------------------------------------------------------------------------
+    def etcd_tls(self) -> TlsMaterial | None:
+        """The client certificate the initialiser stored; None while the cluster was never initialised (the
+        secret is missing or still holds the stack's placeholder). Access errors raise."""
+        try:
+            raw = self.secretsmanager.get_secret_value(SecretId=self.settings.etcd_client_secret_name)["SecretString"]
+        except ClientError as err:
+            if _error_code(err) == "ResourceNotFoundException":
+                return None
+            raise
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or not all(value.get(k) for k in ("ca", "cert", "key")):
+            return None
+        return TlsMaterial.from_secret(value)
+
+    def etcd_client(self, tls: TlsMaterial, timeout: float = 2.0) -> EtcdClient:
+        return EtcdClient(tls, timeout=timeout)
+
+    # -- lifecycle hook --------------------------------------------------------------------------------------------
+    def complete(self, group: str, hook: str, instance_id: str, token: str | None, result: str) -> bool:
+        """Complete the hook; False if Auto Scaling has no such action any more (completed before, or timed out)."""
+        args: dict[str, Any] = {
+            "AutoScalingGroupName": group,
+            "LifecycleHookName": hook,
+            "InstanceId": instance_id,
+            "LifecycleActionResult": result,
+        }
+        if token:
+            args["LifecycleActionToken"] = token
+        try:
+            self.autoscaling.complete_lifecycle_action(**args)
+        except ClientError as err:
+            if _error_code(err) == "ValidationError" and "No active Lifecycle Action" in str(err):
+                return False
+            raise
+        return True
+
+    def heartbeat(self, group: str, hook: str, instance_id: str, token: str | None) -> bool:
+        args: dict[str, Any] = {"AutoScalingGroupName": group, "LifecycleHookName": hook, "InstanceId": instance_id}
+        if token:
+            args["LifecycleActionToken"] = token
+        try:
+            self.autoscaling.record_lifecycle_action_heartbeat(**args)
+        except ClientError as err:
+            if _error_code(err) == "ValidationError" and "No active Lifecycle Action" in str(err):
+                return False
+            raise
+        return True
+
+    # -- queue ---------------------------------------------------------------------------------------------------
+    def enqueue(self, body: dict[str, Any], delay_seconds: int = 0) -> None:
+        if not self.settings.retry_queue_url:
+            raise SettingsError("environment variable RETRY_QUEUE_URL is not set")
+        self.sqs.send_message(
+            QueueUrl=self.settings.retry_queue_url, MessageBody=json.dumps(body), DelaySeconds=min(delay_seconds, 900)
+        )
+
+
+@functools.cache
+def default_cluster_aws() -> ClusterAws:
+    """One per Lambda execution environment: settings from the environment, boto3's default clients."""
+    return ClusterAws.from_boto3(LambdaSettings.from_env())

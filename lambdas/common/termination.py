@@ -1,0 +1,198 @@
+"""A control-plane instance is leaving: remove its etcd member safely, then let termination go on.
+
+The requests come from the lifecycle queue (EventBridge -> SQS): Auto Scaling's "EC2 Instance-terminate
+Lifecycle Action" events, our own delayed retries of them, and the reconciler's level-triggered requests
+(an instance waiting in Terminating:Wait whose event was lost, a member whose instance is gone). One
+function decides for all of them, so the rules are the same whichever way a request arrives:
+
+* removed / already gone        -> complete the hook with CONTINUE
+* not safe now                  -> heartbeat the hook and re-enqueue with a delay (no Lambda sleeps)
+* still not safe past deadline  -> ABANDON; the control-plane groups retain on abandon, so the instance
+                                   and its member stay up and the RemovalAbandoned alarm calls a human
+* bad input                     -> rejected, logged, nothing changed (the message goes to the DLQ)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lambdas.common.cluster_aws import GONE_STATES, LambdaSettings
+from lambdas.common.etcd_client import EtcdClient, EtcdUnavailableError, TlsMaterial
+from lambdas.common.membership import RemovalOutcome, RemovalResult, remove_member_safely
+
+TERMINATE_DETAIL_TYPE = "EC2 Instance-terminate Lifecycle Action"
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+RECONCILER_SOURCE = "dedicated-k8s.reconciler"
+RECONCILER_DETAIL_TYPE = "Control-plane Member Cleanup"
+RETRY_KEY = "dedicatedK8sRetry"
+_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8}([0-9a-f]{9})?$")
+
+
+class MalformedRequestError(ValueError):
+    """The message is not a request we understand; nothing is done with it."""
+
+
+@dataclass(frozen=True)
+class TerminationRequest:
+    """``kind``: "terminating" (a hook waits) or "stale-member" (the instance is gone, no hook).
+    ``origin``: "lifecycle-event" (Auto Scaling's event and our retries of it) or "reconciler"."""
+
+    instance_id: str
+    kind: str
+    origin: str
+    group: str | None = None
+    hook: str | None = None
+    token: str | None = None
+    attempt: int = 1
+    first_seen: float = 0.0
+    event: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, body: Any, now: float) -> TerminationRequest:
+        if not isinstance(body, dict):
+            raise MalformedRequestError("the message body is not a JSON object")
+        detail = body.get("detail")
+        if not isinstance(detail, dict):
+            raise MalformedRequestError("the event has no 'detail' object")
+        instance_id = detail.get("EC2InstanceId")
+        if not isinstance(instance_id, str) or not _INSTANCE_ID.match(instance_id):
+            raise MalformedRequestError(f"detail.EC2InstanceId {instance_id!r} is not an instance ID")
+        detail_type = body.get("detail-type")
+        if body.get("source") == RECONCILER_SOURCE and detail_type == RECONCILER_DETAIL_TYPE:
+            kind = detail.get("kind")
+            if kind not in ("terminating", "stale-member"):
+                raise MalformedRequestError(f"reconciler request kind {kind!r} is unknown")
+            if kind == "terminating" and not (detail.get("AutoScalingGroupName") and detail.get("LifecycleHookName")):
+                raise MalformedRequestError("a terminating request needs AutoScalingGroupName and LifecycleHookName")
+            return cls(instance_id, kind, "reconciler", detail.get("AutoScalingGroupName"),
+                       detail.get("LifecycleHookName"), None, 1, now, body)  # fmt: skip
+        if body.get("source") != "aws.autoscaling" or detail_type != TERMINATE_DETAIL_TYPE:
+            raise MalformedRequestError(f"unexpected event {body.get('source')!r} / {detail_type!r}")
+        if detail.get("LifecycleTransition") != TERMINATING:
+            raise MalformedRequestError(
+                f"LifecycleTransition {detail.get('LifecycleTransition')!r} is not {TERMINATING}"
+            )
+        missing = [k for k in ("AutoScalingGroupName", "LifecycleHookName") if not isinstance(detail.get(k), str)]
+        if missing:
+            raise MalformedRequestError(f"detail lacks {', '.join(missing)}")
+        retry: dict[str, Any] = body[RETRY_KEY] if isinstance(body.get(RETRY_KEY), dict) else {}
+        return cls(
+            instance_id=instance_id,
+            kind="terminating",
+            origin="lifecycle-event",
+            group=detail["AutoScalingGroupName"],
+            hook=detail["LifecycleHookName"],
+            token=detail.get("LifecycleActionToken") if isinstance(detail.get("LifecycleActionToken"), str) else None,
+            attempt=int(retry.get("attempt", 1)),
+            first_seen=float(retry.get("firstSeen", now)),
+            event=body,
+        )
+
+    def retry_message(self, now: float) -> dict[str, Any]:
+        """The same event, carrying the attempt count and when it was first seen (the deadline's start)."""
+        body = {k: v for k, v in self.event.items() if k != RETRY_KEY}
+        body[RETRY_KEY] = {"attempt": self.attempt + 1, "firstSeen": self.first_seen, "lastTry": now}
+        return body
+
+
+class ClusterPorts(Protocol):
+    """What :func:`handle_termination` needs from AWS (:class:`lambdas.common.cluster_aws.ClusterAws`)."""
+
+    settings: LambdaSettings
+
+    def etcd_tls(self) -> TlsMaterial | None: ...
+    def etcd_client(self, tls: TlsMaterial, timeout: float = 2.0) -> EtcdClient: ...
+    def etcd_endpoints(self, exclude: Any = ()) -> list[str]: ...
+    def private_ip(self, instance_id: str) -> str | None: ...
+    def instance_states(self, instance_ids: Any) -> dict[str, str | None]: ...
+    def complete(self, group: str, hook: str, instance_id: str, token: str | None, result: str) -> bool: ...
+    def heartbeat(self, group: str, hook: str, instance_id: str, token: str | None) -> bool: ...
+    def enqueue(self, body: dict[str, Any], delay_seconds: int = 0) -> None: ...
+
+
+@dataclass(frozen=True)
+class TerminationResult:
+    """``action``: continue | abandon | retry | deferred | ignored | rejected | hook-gone."""
+
+    action: str
+    reason: str
+    removal: RemovalResult | None = None
+    completed: bool | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        member = self.removal.member if self.removal else None
+        view = self.removal.view if self.removal else None
+        return {
+            "action": self.action,
+            "reason": self.reason,
+            "removal": self.removal.outcome.value if self.removal else None,
+            "member": member.label if member else None,
+            "healthy_voters": len(view.healthy_voters) if view else None,
+            "voters": len(view.voters) if view else None,
+            "hook_completed": self.completed,
+        }
+
+
+def handle_termination(  # noqa: PLR0911 (one return per outcome reads best here)
+    request: TerminationRequest, ports: ClusterPorts, now: float | None = None
+) -> TerminationResult:
+    now = time.time() if now is None else now
+    settings = ports.settings
+    if request.group is not None and request.group not in settings.control_plane_groups:
+        return TerminationResult(
+            "rejected", f"group {request.group!r} is not one of this cluster's control-plane groups"
+        )
+    if request.kind == "stale-member":
+        state = ports.instance_states([request.instance_id]).get(request.instance_id)
+        if state is not None and state not in GONE_STATES:
+            return TerminationResult("ignored", f"instance {request.instance_id} is {state}: not removing on a guess")
+    tls = ports.etcd_tls()
+    if tls is None:
+        return _finish(request, ports, "CONTINUE", "the cluster was never initialised: no etcd member to remove")
+    endpoints = ports.etcd_endpoints(exclude=[request.instance_id])
+    if not endpoints:
+        return _not_now(request, ports, now, "no other running control-plane instance to reach etcd through")
+    private_ip = ports.private_ip(request.instance_id)
+    try:
+        removal = remove_member_safely(
+            ports.etcd_client(tls),
+            endpoints,
+            instance_id=request.instance_id,
+            private_ip=private_ip,
+            desired_voters=settings.desired_members,
+        )
+    except EtcdUnavailableError as err:
+        return _not_now(request, ports, now, f"etcd unreachable: {err}")
+    if removal.outcome is RemovalOutcome.UNSAFE:
+        return _not_now(request, ports, now, removal.reason, removal)
+    note = "" if private_ip else " (EC2 no longer knows the instance; matched by name only)"
+    return _finish(request, ports, "CONTINUE", f"{removal.outcome.value}: {removal.reason}{note}", removal)
+
+
+def _finish(
+    request: TerminationRequest, ports: ClusterPorts, result: str, reason: str, removal: RemovalResult | None = None
+) -> TerminationResult:
+    if request.kind != "terminating" or request.group is None or request.hook is None:
+        return TerminationResult("continue", reason, removal)
+    completed = ports.complete(request.group, request.hook, request.instance_id, request.token, result)
+    return TerminationResult(result.lower(), reason, removal, completed)
+
+
+def _not_now(
+    request: TerminationRequest, ports: ClusterPorts, now: float, reason: str, removal: RemovalResult | None = None
+) -> TerminationResult:
+    settings = ports.settings
+    if request.origin == "reconciler" or request.kind != "terminating":
+        # Level-triggered: the reconciler asks again on its next run; no chain of retries of its own.
+        return TerminationResult("deferred", reason, removal)
+    assert request.group is not None and request.hook is not None
+    if now - request.first_seen >= settings.removal_deadline_seconds:
+        waited = int(now - request.first_seen)
+        return _finish(request, ports, "ABANDON", f"still unsafe after {waited}s (deadline): {reason}", removal)
+    if not ports.heartbeat(request.group, request.hook, request.instance_id, request.token):
+        return TerminationResult("hook-gone", f"the hook is no longer waiting; stopping retries ({reason})", removal)
+    ports.enqueue(request.retry_message(now), settings.retry_delay_seconds)
+    return TerminationResult("retry", reason, removal)

@@ -1,0 +1,76 @@
+"""The etcd lifecycle Lambda: SQS records (EventBridge terminate events, our retries, reconciler requests)
+-> :func:`lambdas.common.termination.handle_termination`. Thin: parse, call, log, report failures.
+
+Batch size is 1 and reserved concurrency 1 (one membership change at a time); a record that fails (bad
+input or an unexpected error) is reported in ``batchItemFailures`` so SQS redelivers it and, after
+maxReceiveCount, moves it to the dead-letter queue (alarmed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from lambdas.common.cluster_aws import ClusterAws, default_cluster_aws
+from lambdas.common.observability import Logger, Metrics
+from lambdas.common.termination import MalformedRequestError, TerminationRequest, handle_termination
+
+LOGGER = Logger("etcd-lifecycle")
+
+
+def cluster_aws() -> ClusterAws:
+    """Created on first use, kept for warm invocations; tests and the twin point it elsewhere."""
+    return default_cluster_aws()
+
+
+def _bodies(event: Any) -> list[tuple[str | None, Any]]:
+    if isinstance(event, dict) and isinstance(event.get("Records"), list):
+        out: list[tuple[str | None, Any]] = []
+        for record in event["Records"]:
+            try:
+                out.append((record.get("messageId"), json.loads(record.get("body", ""))))
+            except (TypeError, ValueError, AttributeError):
+                out.append((record.get("messageId") if isinstance(record, dict) else None, None))
+        return out
+    return [(None, event)]  # invoked directly with an EventBridge event
+
+
+def handle(event: Any, context: Any) -> dict[str, Any]:
+    aws = cluster_aws()
+    metrics = Metrics(aws.settings.metrics_namespace)
+    failures: list[dict[str, str]] = []
+    LOGGER.reset()
+    LOGGER.bind(request_id=getattr(context, "aws_request_id", None))
+    for message_id, body in _bodies(event):
+        started = time.monotonic()
+        try:
+            request = TerminationRequest.parse(body, time.time())
+        except MalformedRequestError as err:
+            LOGGER.error("rejected: malformed request", reason=str(err), message_id=message_id, body=str(body)[:2000])
+            metrics.add("RejectedRequests", 1)
+            if message_id:
+                failures.append({"itemIdentifier": message_id})
+            continue
+        fields = {"instance_id": request.instance_id, "group": request.group, "origin": request.origin,
+                  "kind": request.kind, "attempt": request.attempt, "message_id": message_id}  # fmt: skip
+        try:
+            result = handle_termination(request, aws)
+        except Exception as err:
+            LOGGER.error("failed; the message will be redelivered", error=f"{type(err).__name__}: {err}", **fields)
+            metrics.add("LifecycleErrors", 1)
+            if message_id is None:
+                raise
+            failures.append({"itemIdentifier": message_id})
+            continue
+        level = {"rejected": "ERROR", "abandon": "ERROR", "retry": "WARNING", "deferred": "WARNING"}.get(
+            result.action, "INFO"
+        )
+        LOGGER.log(level, f"termination {result.action}", **fields, **result.log_fields(),
+                   millis=round((time.monotonic() - started) * 1000, 1))  # fmt: skip
+        metrics.add({"continue": "MemberRemovalCompleted", "abandon": "RemovalAbandoned", "retry": "RemovalRetried",
+                     "rejected": "RejectedRequests"}.get(result.action, "RemovalDeferred"), 1)  # fmt: skip
+        if result.action == "rejected" and message_id:
+            failures.append({"itemIdentifier": message_id})
+    metrics.flush({"ClusterName": aws.settings.cluster_name})
+    return {"batchItemFailures": failures}
