@@ -1,5 +1,9 @@
 """Synthesize every stack offline and run the policy checks: cfn-lint, checkov and cdk-nag.
 
+Every stack means the app's top-level stacks (IamStack, K8sClusterStack, PipelineStack) and the stacks
+of the pipeline's stages (PipelineStack/Staging/..., PipelineStack/Production/...), which CDK writes
+as nested cloud assemblies.
+
     .venv/bin/python -m scripts.synth_and_check [--synth-only] [--outdir cdk.out]
 
 Prints progress and a summary table; exits non-zero on any finding. The same functions back
@@ -139,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print("==> synthesizing every stack offline (no AWS credentials, no network)", flush=True)
     synthesis = synthesize(Path(args.outdir))
+    width = max(map(len, synthesis.resources), default=0)
     for name, count in synthesis.resources.items():
-        print(f"    {name:<28} {count:>4} resources  {synthesis.templates[name].name}")
+        print(f"    {name:<{width}} {count:>4} resources  {synthesis.templates[name].name}")
     print(f"    synth took {synthesis.seconds:.1f} s", flush=True)
     if args.synth_only:
         return 0

@@ -10,6 +10,8 @@ from scripts.synth_and_check import Synthesis, run_cfn_lint, run_checkov, synthe
 
 pytestmark = [pytest.mark.policy, pytest.mark.xdist_group("policy")]
 
+STACKS = ("IamStack", "K8sClusterStack")
+
 
 @pytest.fixture(scope="module")
 def synthesis(tmp_path_factory: pytest.TempPathFactory) -> Synthesis:
@@ -17,7 +19,14 @@ def synthesis(tmp_path_factory: pytest.TempPathFactory) -> Synthesis:
 
 
 def test_every_stack_is_synthesized(synthesis: Synthesis) -> None:
-    assert {"IamStack", "K8sClusterStack"} <= set(synthesis.templates)
+    stage_stacks = {f"PipelineStack/{stage}/{stack}" for stage in ("Staging", "Production") for stack in STACKS}
+    assert set(synthesis.templates) == {*STACKS, "PipelineStack", *stage_stacks}
+
+
+def test_cdk_nag_ran_on_every_stack_including_the_pipeline_stages(synthesis: Synthesis) -> None:
+    # Aspects added at the app stop at a Stage boundary; ClusterStage adds the pack itself. One report per stack.
+    reports = list(Path(synthesis.outdir).glob("AwsSolutions-*-NagReport.csv"))
+    assert len(reports) == len(synthesis.templates)
 
 
 def test_cfn_lint_reports_nothing(synthesis: Synthesis) -> None:
