@@ -17,6 +17,7 @@ from aws_cdk.assertions import Match, Template
 from imagebuilder.versions import Versions, component_files, load_versions, parse_versions
 from scripts.synth_and_check import run_cfn_lint, run_checkov
 from stages.config import ClusterConfig
+from stages.iam_stack import IamStack
 from stages.image_stack import PARENT_IMAGE_PARAMETER, ImageStack, ami_parameter_name, pipeline_name
 from stages.nag import apply_policy_checks
 
@@ -31,6 +32,7 @@ class Synthesized:
     stack: ImageStack
     nag_findings: list[str]
     config: ClusterConfig
+    iam: dict[str, Any]
 
 
 def _context() -> dict[str, Any]:
@@ -48,15 +50,20 @@ def synth(outdir: Path, overrides: dict[str, Any] | None = None, versions: Versi
         env=cdk.Environment(account=config.account, region=config.region),
         stack_name=f"{config.resource_prefix}-image",
     )
+    # IamStack beside it, as in the app: the build instance's profile and policy come from there.
+    env = cdk.Environment(account=config.account, region=config.region)
+    IamStack(app, "IamStack", config=config, env=env, stack_name=f"{config.resource_prefix}-iam")
     apply_policy_checks(app)
-    artifact = app.synth().get_stack_by_name(stack.stack_name)
+    assembly = app.synth()
+    artifact = assembly.get_stack_by_name(stack.stack_name)
     findings = [
         f"{m.id}: {str(m.entry.data)[:300]}"
         for m in artifact.messages
         if m.level in (cdk.cx_api.SynthesisMessageLevel.ERROR, cdk.cx_api.SynthesisMessageLevel.WARNING)
     ]
     raw = json.loads(Path(artifact.template_full_path).read_text())
-    return Synthesized(outdir, Template.from_json(raw), raw, stack, findings, config)
+    iam_template = assembly.get_stack_by_name(f"{config.resource_prefix}-iam").template
+    return Synthesized(outdir, Template.from_json(raw), raw, stack, findings, config, iam_template)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +149,25 @@ def test_infrastructure_uses_iam_stack_profile_private_subnet_and_terminates_on_
     assert infra["InstanceMetadataOptions"]["HttpTokens"] == "required"
     (bucket_id,) = _resources(image, "AWS::S3::Bucket")
     assert infra["Logging"]["S3Logs"]["S3BucketName"] == {"Ref": bucket_id}
+
+
+def test_the_build_profile_exists_in_iam_stack_with_what_the_build_needs(image: Synthesized) -> None:
+    infra = _only(image, "AWS::ImageBuilder::InfrastructureConfiguration")
+    profiles = [r["Properties"] for r in image.iam["Resources"].values() if r["Type"] == "AWS::IAM::InstanceProfile"]
+    assert infra["InstanceProfileName"] in [p["InstanceProfileName"] for p in profiles]
+    statements = [
+        statement
+        for r in image.iam["Resources"].values()
+        if r["Type"] == "AWS::IAM::Policy"
+        for statement in r["Properties"]["PolicyDocument"]["Statement"]
+    ]
+    text = json.dumps(statements)
+    prefix = image.config.resource_prefix
+    assert f"{prefix}-imagebuilder-logs-*/*" in text  # build logs into this stack's bucket
+    assert "cdk-*-assets-*/*" in text  # the node agent bundle asset
+    assert "imagebuilder:GetComponent" in text
+    # This stack's key (components, logs bucket) is usable by the role through the cluster tag.
+    assert f"aws:ResourceTag/{ClusterConfig.CLUSTER_TAG_KEY}" in text
 
 
 def test_this_stack_creates_no_iam(image: Synthesized) -> None:
