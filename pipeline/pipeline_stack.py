@@ -1,7 +1,7 @@
 """PipelineStack: the self-mutating CDK Pipeline that promotes IamStack + K8sClusterStack.
 
-    Source -> Build (make test, npx cdk synth) -> UpdatePipeline (self-mutation) -> Assets
-        -> Ami (Image Builder; AMI ID to the SSM parameter the cluster config reads)
+    Source -> Build (make test, npx cdk synth) -> UpdatePipeline (self-mutation)
+        -> Ami (Image Builder; AMI ID to the SSM parameter the cluster config reads) -> Assets
         -> Staging (IamStack, K8sClusterStack, then the quorum canary)
         -> Production (manual approval, IamStack, K8sClusterStack, then the quorum canary)
 

@@ -389,6 +389,22 @@ def test_bad_pipeline_context_stops_the_app_before_any_stack() -> None:
     assert app.node.children == []
 
 
+def test_stage_clusters_are_named_after_the_cluster_unless_named_explicitly() -> None:
+    context = {k: v for k, v in cdk_json_context().items() if not k.endswith("ClusterName")}
+    settings = PipelineSettings.from_context({**context, "clusterName": "blue"}.get)
+    assert settings.staging.config is not None and settings.production.config is not None
+    assert settings.staging.config.cluster_name == "blue-staging"
+    assert settings.production.config.cluster_name == "blue-production"
+    assert settings.staging.config.control_plane_group_names[0] == "dk8s-blue-staging-control-plane-0"
+
+
+def test_stage_in_another_region_gets_that_regions_zones() -> None:
+    settings = PipelineSettings.from_context({**cdk_json_context(), "productionRegion": "eu-west-1"}.get)
+    assert settings.production.config is not None
+    assert settings.production.config.availability_zones == ("eu-west-1a", "eu-west-1b", "eu-west-1c")
+    assert settings.staging.config is not None and settings.staging.config.region == "us-east-1"
+
+
 def test_pipeline_keys_are_not_unknown_cluster_keys() -> None:
     context = cdk_json_context()
     assert any(k.startswith(("pipeline", "staging", "production")) for k in context)
