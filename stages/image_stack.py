@@ -36,7 +36,7 @@ from imagebuilder.versions import (
     render_component,
     short_digest,
 )
-from stages.config import ClusterConfig
+from stages.config import ClusterConfig, ConfigError
 from stages.nag import skip_checkov, suppress
 
 # Amazon Linux 2023, x86_64, the default kernel: the public parameter AWS keeps pointing at the latest AMI.
@@ -78,9 +78,11 @@ class ImageStack(cdk.Stack):
         self.config = config
         self.versions = versions or load_versions()
         if self.versions.kubernetes != config.kubernetes_version:
-            raise ValueError(
-                f"kubernetesVersion {config.kubernetes_version} differs from imagebuilder/versions.json "
-                f"({self.versions.kubernetes}): the AMI carries the binaries and images of versions.json"
+            raise ConfigError(
+                [
+                    f"'kubernetesVersion' = \"{config.kubernetes_version}\": the AMI carries Kubernetes "
+                    f"{self.versions.kubernetes} (imagebuilder/versions.json); change the version there, not in context"
+                ]
             )
         cdk.Tags.of(self).add(ClusterConfig.CLUSTER_TAG_KEY, config.cluster_name)
         prefix = config.resource_prefix

@@ -16,7 +16,7 @@ from aws_cdk.assertions import Match, Template
 
 from imagebuilder.versions import Versions, component_files, load_versions, parse_versions
 from scripts.synth_and_check import run_cfn_lint, run_checkov
-from stages.config import ClusterConfig
+from stages.config import ClusterConfig, ConfigError
 from stages.iam_stack import IamStack
 from stages.image_stack import PARENT_IMAGE_PARAMETER, ImageStack, ami_parameter_name, pipeline_name
 from stages.nag import apply_policy_checks
@@ -233,7 +233,7 @@ def test_node_agent_component_downloads_the_bundle_asset(image: Synthesized) -> 
 
 
 def test_a_kubernetes_version_that_differs_from_versions_json_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"differs from imagebuilder/versions.json"):
+    with pytest.raises(ConfigError, match=r"'kubernetesVersion' = \"1.33.5\": the AMI carries Kubernetes 1.34.2"):
         synth(tmp_path, {"kubernetesVersion": "1.33.5"})
 
 
