@@ -29,7 +29,8 @@ from imagebuilder.aws_clients import REPO_ROOT, boto3_client_calls
 from imagebuilder.versions import IMAGEBUILDER_DIR, load_versions
 
 SYSTEMD_DIR = IMAGEBUILDER_DIR / "systemd"
-AGENT_PACKAGES = ("node_agent", "lambdas")
+# What the node runs: the agent and the shared domain code (not the Lambda handlers).
+AGENT_SOURCES = ("node_agent", "lambdas/__init__.py", "lambdas/common")
 # import name -> distribution name
 VENDORED = {
     "boto3": "boto3",
@@ -51,7 +52,7 @@ class BundleError(RuntimeError):
 
 def agent_services() -> list[str]:
     """The AWS services whose botocore models the bundle carries (the node agent's and Lambdas' clients)."""
-    return sorted({*boto3_client_calls(), *ALWAYS_NEEDED_SERVICES})
+    return sorted({*boto3_client_calls([REPO_ROOT / source for source in AGENT_SOURCES]), *ALWAYS_NEEDED_SERVICES})
 
 
 def build_agent_bundle(out: Path) -> Path:
@@ -61,8 +62,13 @@ def build_agent_bundle(out: Path) -> Path:
         raise BundleError(f"{out} is not empty")
     lib = out / "lib"
     lib.mkdir()
-    for package in AGENT_PACKAGES:
-        shutil.copytree(REPO_ROOT / package, lib / package, ignore=_IGNORE)
+    for source in AGENT_SOURCES:
+        origin, target = REPO_ROOT / source, lib / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if origin.is_dir():
+            shutil.copytree(origin, target, ignore=_IGNORE)
+        else:
+            shutil.copy2(origin, target)
     services = agent_services()
     versions: dict[str, str] = {}
     for module, distribution in VENDORED.items():
