@@ -317,3 +317,59 @@ def test_step_inventory_is_stable(versions: Versions) -> None:
         if step.phase != "build":
             assert step.action == "ExecuteBash", step.where
             assert "fetch " not in "\n".join(step.inputs["commands"]), step.where
+
+
+CONTAINERD_21_DEFAULT = """version = 3
+root = '/var/lib/containerd'
+
+[plugins]
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = 'overlayfs'
+
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = 'registry.k8s.io/pause:3.10'
+
+  [plugins.'io.containerd.cri.v1.runtime']
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = 'runc'
+
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes]
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+          runtime_type = 'io.containerd.runc.v2'
+
+          [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+            BinaryName = ''
+            NoNewKeyring = false
+            ShimCgroup = ''
+"""
+CONTAINERD_22_DEFAULT = CONTAINERD_21_DEFAULT.replace(
+    "            ShimCgroup = ''\n", "            ShimCgroup = ''\n            SystemdCgroup = false\n"
+)
+
+
+@pytest.mark.parametrize("default", [CONTAINERD_21_DEFAULT, CONTAINERD_22_DEFAULT], ids=["2.1-no-key", "2.2-false"])
+def test_containerd_config_gets_systemd_cgroups_and_the_pinned_pause_image(
+    versions: Versions, tmp_path: Path, default: str
+) -> None:
+    import tomllib
+
+    sample = tmp_path / "default.toml"
+    sample.write_text(default)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    containerd = _stub(bin_dir, "containerd", f'[ "$1 $2" = "config default" ] && cat {sample}')
+    _stub(bin_dir, "systemctl", "exit 0")
+    config = tmp_path / "etc" / "containerd" / "config.toml"
+    script = dict(bash_scripts(versions, "build"))["20-container-runtime.yaml:build/ConfigureContainerd"]
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "DK8S_CONTAINERD": str(containerd),
+        "DK8S_CONTAINERD_CONFIG": str(config),
+    }
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    parsed = tomllib.loads(config.read_text())
+    runtime = parsed["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["runc"]["options"]
+    assert runtime["SystemdCgroup"] is True
+    assert parsed["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == versions.pause_image
