@@ -11,8 +11,10 @@ election 500 ms) keep elections short; nothing else is faked.
 from __future__ import annotations
 
 import contextlib
+import random
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -59,9 +61,30 @@ class EtcdNode:
         return self.process is not None and self.process.poll() is None
 
 
+def free_ip_in(network: str, ports: tuple[int, ...] = (2379, 2380)) -> str:
+    """A free address in ``network`` ("127.N"): the members of one cluster share a /16, so a moto VPC with
+    that CIDR can hold EC2 instances whose private IPs are the members' real addresses."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        ip = f"{network}.{rng.randint(0, 255)}.{rng.randint(4, 254)}"
+        try:
+            for port in ports:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind((ip, port))
+        except OSError:
+            continue
+        return ip
+    raise RuntimeError(f"no free address in {network}.0.0/16")
+
+
+def random_network() -> str:
+    return f"127.{random.SystemRandom().randint(2, 254)}"
+
+
 @dataclass
 class EtcdCluster:
     root: Path
+    network: str | None = None  # "127.N": every member in 127.N.0.0/16 (else anywhere in 127/8)
     nodes: dict[str, EtcdNode] = field(default_factory=dict)
     tls: TlsMaterial | None = None
 
@@ -75,9 +98,9 @@ class EtcdCluster:
         self.tls = TlsMaterial.from_files(self.ca_cert, client_cert, client_key)
         self.client = EtcdClient(self.tls, timeout=2.0)
 
-    def _node(self, instance_id: str | None = None) -> EtcdNode:
+    def _node(self, instance_id: str | None = None, ip: str | None = None) -> EtcdNode:
         iid = instance_id or new_instance_id()
-        ip = free_loopback_ip()
+        ip = ip or (free_ip_in(self.network) if self.network else free_loopback_ip())
         name = f"{iid}.{REGION}.compute.internal"
         node = EtcdNode(name=name, ip=ip, data_dir=self.root / name / "data", log=self.root / name / "etcd.log")
         for kind in ("server", "peer"):
@@ -106,14 +129,21 @@ class EtcdCluster:
         with node.log.open("ab") as log:
             node.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
-    def start(self, size: int) -> EtcdCluster:
-        nodes = [self._node() for _ in range(size)]
+    def start(self, size: int, identities: list[tuple[str, str]] | None = None) -> EtcdCluster:
+        """``identities``: (instance ID, IP) per member, e.g. of EC2 instances created in moto first."""
+        nodes = [self._node(*identities[i]) if identities else self._node() for i in range(size)]
         initial = ",".join(f"{n.name}={n.peer_url}" for n in nodes)
         for node in nodes:
             self.nodes[node.name] = node
             self._start(node, initial, "new")
         self.wait_healthy([n.name for n in nodes])
+        self.wait_reconfigurable()
         return self
+
+    def wait_reconfigurable(self) -> None:
+        """etcd's strict reconfiguration check (on by default, as kubeadm runs it) refuses member changes
+        until the voters have been connected to each other for 5 s; wait that long, as an operator would."""
+        time.sleep(5.2)
 
     # -- observation -----------------------------------------------------------------------------------------------
     @property
@@ -162,10 +192,13 @@ class EtcdCluster:
         node = self.nodes[name]
         self._start(node, "", "existing")  # an existing data dir ignores the initial-cluster flags
         self.wait_healthy([name])
+        self.wait_reconfigurable()
 
-    def add_learner_node(self, instance_id: str | None = None, *, start: bool = True) -> EtcdNode:
+    def add_learner_node(
+        self, instance_id: str | None = None, ip: str | None = None, *, start: bool = True
+    ) -> EtcdNode:
         """What kubeadm join does: member add --learner through the cluster, then start the new member."""
-        node = self._node(instance_id)
+        node = self._node(instance_id, ip)
         deadline = time.monotonic() + 15
         while True:  # etcd refuses changes until its members have been connected for 5 s (strict reconfig)
             try:
@@ -202,8 +235,8 @@ class EtcdCluster:
 
 
 @contextlib.contextmanager
-def etcd_cluster(root: Path, size: int) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(root)
+def etcd_cluster(root: Path, size: int, network: str | None = None) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(root, network)
     try:
         yield cluster.start(size)
     finally:
