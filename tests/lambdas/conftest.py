@@ -128,7 +128,7 @@ class Env:
         import time
 
         time.sleep(wait)
-        found = []
+        found: list[dict[str, Any]] = []
         while True:
             msgs = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10).get("Messages", [])
             if not msgs:
