@@ -90,3 +90,11 @@ def test_wrapper_runs_python311_with_the_bundle_path() -> None:
     assert "export PYTHONPATH=/opt/dedicated-k8s/lib" in wrapper
     assert 'exec /usr/bin/python3.11 -m node_agent "$@"' in wrapper
     assert os.access(REPO_ROOT / "imagebuilder" / "systemd" / "dedicated-k8s-agent", os.X_OK)
+
+
+def test_bundle_is_reproducible_so_names_only_change_with_content(bundle: Path, tmp_path: Path) -> None:
+    # The asset hash goes into the node-agent component's name: a rebuilt bundle must hash the same.
+    import aws_cdk as cdk
+
+    again = build_agent_bundle(tmp_path / "again")
+    assert cdk.FileSystem.fingerprint(str(again)) == cdk.FileSystem.fingerprint(str(bundle))
