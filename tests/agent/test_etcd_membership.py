@@ -1,49 +1,55 @@
-"""The interim etcd adapter's removal rule, one row per cluster shape (learners never count)."""
+"""The agent's etcd adapter (over the shared membership module) on a real 3-member TLS etcd cluster."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from node_agent.etcd import EtcdTls, Member, client_url_for
-from node_agent.etcd_membership import MembershipEtcd
+from node_agent.etcd import EtcdTls, client_url_for
+from node_agent.etcd_membership import MembershipEtcd, UnsafeRemovalError
+from tests.etcd_cluster import EtcdCluster, etcd_cluster
+
+pytestmark = pytest.mark.etcd
 
 
-def _m(n: int, *, learner: bool = False, started: bool = True) -> Member:
-    url = f"https://10.0.0.{n}:2379"
-    return Member(
-        str(n), f"i-{n}" if started else "", (f"https://10.0.0.{n}:2380",), (url,) if started else (), learner
-    )
+def _adapter(cluster: EtcdCluster) -> MembershipEtcd:
+    return MembershipEtcd(EtcdTls(cluster.pki / "ca.crt", cluster.pki / "client.crt", cluster.pki / "client.key"))
 
 
-class Stubbed(MembershipEtcd):
-    def __init__(self, healthy: set[int]) -> None:
-        super().__init__(EtcdTls(Path("ca"), Path("c"), Path("k")))
-        self.healthy = healthy
-
-    def _status(self, url: str) -> dict[str, Any] | None:
-        n = int(url.split(".")[3].split(":", maxsplit=1)[0])
-        return {"leader": "1"} if n in self.healthy else None
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    with etcd_cluster(tmp_path, 3) as started:
+        yield started
 
 
-@pytest.mark.parametrize(
-    ("members", "healthy", "target", "expected"),
-    [
-        pytest.param([_m(1), _m(2), _m(3)], {1, 2, 3}, 3, True, id="3 healthy voters: remove one"),
-        pytest.param([_m(1), _m(2), _m(3)], {1, 3}, 3, False, id="3 voters, 1 other down: 1 of 2 left is no quorum"),
-        pytest.param([_m(1), _m(2), _m(3)], {1, 2}, 3, True, id="remove the dead one: 2 of 2 healthy"),
-        pytest.param([_m(1), _m(2), _m(3), _m(4, learner=True)], {1, 3, 4}, 3, False,
-                     id="a healthy learner never counts toward quorum"),
-        pytest.param([_m(1), _m(2), _m(4, learner=True)], {1}, 4, True, id="removing a learner is always safe"),
-        pytest.param([_m(1), _m(2), _m(4, started=False)], set(), 4, True, id="removing an unstarted member is safe"),
-        pytest.param([_m(1)], {1}, 1, False, id="never remove the last voter"),
-    ],
-)  # fmt: skip
-def test_can_remove(members: list[Member], healthy: set[int], target: int, expected: bool) -> None:
-    etcd = Stubbed(healthy)
-    assert etcd.can_remove(members, next(m for m in members if m.id == str(target))) is expected
+def test_a_stale_member_with_my_peer_url_is_removed_and_a_learner_is_seen_as_a_change(cluster: EtcdCluster) -> None:
+    etcd = _adapter(cluster)
+    assert etcd.reachable(cluster.endpoints) and not etcd.membership_change_in_progress(cluster.endpoints)
+    stale = cluster.add_learner_node(start=False)  # an earlier instance with my IP, which died mid-join
+    assert etcd.membership_change_in_progress(cluster.endpoints)
+    removed = etcd.remove_stale_member(cluster.endpoints, stale.peer_url, keep_name="i-0123456789abcdef0.x")
+    assert removed == stale.member_id and len(etcd.members(cluster.endpoints)) == 3
+    assert etcd.remove_stale_member(cluster.endpoints, stale.peer_url, keep_name=None) is None, "idempotent"
+
+
+def test_removing_a_healthy_voter_while_another_is_down_is_refused(cluster: EtcdCluster) -> None:
+    etcd = _adapter(cluster)
+    nodes = list(cluster.nodes.values())
+    cluster.kill(nodes[1].name)
+    with pytest.raises(UnsafeRemovalError):
+        etcd.remove_stale_member([nodes[2].client_url], nodes[0].peer_url, keep_name=None)
+    assert len(etcd.members([nodes[2].client_url])) == 3
+
+
+def test_member_ready_means_started_voter_and_healthy(cluster: EtcdCluster) -> None:
+    etcd = _adapter(cluster)
+    node = cluster.add_learner_node()
+    cluster.wait_healthy([node.name])
+    assert not etcd.member_ready(cluster.endpoints, node.name), "a learner is not ready"
+    cluster.promote_when_ready(node)
+    assert etcd.member_ready(cluster.endpoints, node.name)
 
 
 def test_client_url_is_derived_from_the_peer_url() -> None:

@@ -1,0 +1,96 @@
+"""The shared membership module: the removal rule, one row per cluster shape (pure, on a ClusterView as
+``observe`` builds it), identity matching, and removals on real 5-member TLS etcd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lambdas.common.membership import (
+    ClusterView,
+    Member,
+    RemovalOutcome,
+    can_remove_member,
+    find_member_for_instance,
+    observe,
+    quorum,
+    remove_member_safely,
+)
+from tests.etcd_cluster import etcd_cluster
+
+
+def _m(n: int, *, healthy: bool = True, learner: bool = False, started: bool = True) -> Member:
+    return Member(
+        id=str(n),
+        name=f"i-0000000000000000{n}.ec2.internal" if started else "",
+        peer_urls=(f"https://10.0.0.{n}:2380",),
+        client_urls=(f"https://10.0.0.{n}:2379",) if started else (),
+        is_learner=learner,
+        healthy=healthy and started,
+    )
+
+
+def _view(*members: Member) -> ClusterView:
+    return ClusterView(members=members, leader_id=next((m.id for m in members if m.healthy), None))
+
+
+@pytest.mark.parametrize(
+    ("members", "target", "desired", "safe"),
+    [
+        pytest.param([_m(1), _m(2), _m(3)], 3, 3, True, id="3 healthy voters: remove one"),
+        pytest.param([_m(1), _m(2, healthy=False), _m(3)], 3, 3, False, id="another member down: must wait"),
+        pytest.param([_m(1), _m(2), _m(3, healthy=False)], 3, 3, True, id="the leaving member is down: remove it"),
+        pytest.param(
+            [_m(1), _m(2), _m(3), _m(4, learner=True)], 3, 3, False, id="a learner is in: one change at a time"
+        ),
+        pytest.param([_m(1), _m(2), _m(3), _m(4, learner=True)], 4, 3, True, id="removing the learner itself is safe"),
+        pytest.param(
+            [_m(1), _m(2), _m(3), _m(4, started=False)], 4, 3, True, id="removing an unstarted member is safe"
+        ),
+        pytest.param([_m(1), _m(2)], 2, 3, False, id="2 of desired 3 left: a healthy one waits for its replacement"),
+        pytest.param([_m(1), _m(2)], 2, None, True, id="without a desired size only quorum counts"),
+        pytest.param([_m(1), _m(2, healthy=False)], 2, 3, False, id="no quorum now: decide nothing"),
+        pytest.param([_m(1)], 1, 1, False, id="never remove the last voter"),
+        pytest.param([_m(1), _m(2), _m(3), _m(4), _m(5)], 5, 5, True, id="5 members: remove one"),
+        pytest.param([_m(1), _m(2), _m(3), _m(4)], 4, 5, True, id="5 desired, 4 left: a second one may go (3 >= 3)"),
+        pytest.param([_m(1), _m(2), _m(3)], 3, 5, False, id="5 desired, 3 left: the third one waits"),
+    ],
+)
+def test_the_removal_rule(members: list[Member], target: int, desired: int | None, safe: bool) -> None:
+    view = _view(*members)
+    decision = can_remove_member(view, next(m for m in members if m.id == str(target)), desired_voters=desired)
+    assert decision.safe is safe, decision.reason
+
+
+def test_quorum_arithmetic() -> None:
+    assert [quorum(n) for n in range(1, 8)] == [1, 2, 2, 3, 3, 4, 4]
+    view = _view(_m(1), _m(2), _m(3, healthy=False), _m(4, learner=True))
+    assert view.quorum == 2 and view.quorum_margin == 0 and view.has_quorum and len(view.learners) == 1
+
+
+def test_an_instance_is_matched_by_name_first_and_by_peer_url_only_for_a_nameless_member() -> None:
+    reused = Member("9", "i-0000000000000000a.ec2.internal", ("https://10.0.0.1:2380",), ("https://10.0.0.1:2379",),
+                    False, True)  # fmt: skip
+    view = _view(reused, _m(2))
+    assert find_member_for_instance(view, "i-0000000000000000b", "10.0.0.1") is None, "IPs are reused, IDs are not"
+    assert find_member_for_instance(view, "i-0000000000000000a") is reused
+    unstarted = _m(7, started=False)
+    assert find_member_for_instance(_view(_m(1), unstarted), "i-0000000000000000c", "10.0.0.7") is unstarted
+
+
+@pytest.mark.etcd
+def test_two_of_five_members_leave_one_after_the_other_and_a_third_must_wait(tmp_path: Path) -> None:
+    with etcd_cluster(tmp_path, 5) as cluster:
+        nodes = list(cluster.nodes.values())
+        endpoints = [n.client_url for n in nodes[2:]]
+        for node in nodes[:2]:
+            result = remove_member_safely(cluster.client, endpoints, instance_id=node.instance_id, desired_voters=5)
+            assert result.outcome is RemovalOutcome.REMOVED, result.reason
+            cluster.kill(node.name)
+        third = remove_member_safely(cluster.client, endpoints, instance_id=nodes[2].instance_id, desired_voters=5)
+        assert third.outcome is RemovalOutcome.UNSAFE
+        view = observe(cluster.client, endpoints)
+        assert len(view.voters) == 3 and view.has_quorum
+        again = remove_member_safely(cluster.client, endpoints, instance_id=nodes[0].instance_id, desired_voters=5)
+        assert again.outcome is RemovalOutcome.ALREADY_GONE
