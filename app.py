@@ -21,11 +21,22 @@ def build_app(app: cdk.App) -> cdk.App:
     from pipeline.config import PipelineSettings
     from pipeline.pipeline_stack import PipelineStack
     from stages.compose import add_cluster_stacks
+    from stages.image_stack import ImageStack
     from stages.nag import apply_policy_checks
 
     config = ClusterConfig.from_context(app.node.try_get_context)
     settings = PipelineSettings.from_context(app.node.try_get_context)
-    add_cluster_stacks(app, config)
+    iam, _ = add_cluster_stacks(app, config)
+    # The AMI bake (`cdk deploy ImageStack`, then scripts/build-k8s-ami-imagebuilder.sh) uses IamStack's
+    # Image Builder instance profile, and writes the AMI ID to the SSM parameter K8sClusterStack reads.
+    image = ImageStack(
+        app,
+        "ImageStack",
+        config=config,
+        env=cdk.Environment(account=config.account, region=config.region),
+        stack_name=f"{config.resource_prefix}-image",
+    )
+    image.add_stack_dependency(iam)
     PipelineStack(
         app,
         "PipelineStack",

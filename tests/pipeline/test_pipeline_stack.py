@@ -121,9 +121,9 @@ def s3_source(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
 # --- the app ------------------------------------------------------------------------------------
 
 
-def test_pipeline_is_a_third_top_level_stack_beside_the_manual_ones(default: Synthesized) -> None:
+def test_pipeline_is_a_top_level_stack_beside_the_manual_ones(default: Synthesized) -> None:
     top_level = {name for name in default.templates if "/" not in name}
-    assert top_level == {"IamStack", "K8sClusterStack", "PipelineStack"}
+    assert top_level == {"IamStack", "ImageStack", "K8sClusterStack", "PipelineStack"}
     assert {"PipelineStack/Staging/IamStack", "PipelineStack/Staging/K8sClusterStack"} <= set(default.templates)
     assert {"PipelineStack/Production/IamStack", "PipelineStack/Production/K8sClusterStack"} <= set(default.templates)
 
