@@ -71,5 +71,9 @@ SEED ?= 1
 chaos: setup
 	@$(PY) -m twin.chaos --count $(N) --seed $(SEED) --dr
 
+# Handler latency per lifecycle event on real etcd (median, p95 over 50 events) and the import time.
+benchmark: setup
+	@$(PY) -m scripts.benchmark_lifecycle --events 50
+
 clean:
 	rm -rf cdk.out build reports .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ lifecycle state (InService / Terminating:Wait) that moto's describe calls cannot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -217,10 +218,11 @@ def moto_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def env(moto_env: None, tmp_path: Path) -> Iterator[Env]:
+@contextlib.contextmanager
+def lambda_env(root: Path) -> Iterator[Env]:
+    """Inside ``mock_aws``: three control-plane instances in moto whose private IPs are a real etcd cluster's."""
     if shutil.which("etcd") is None:
-        pytest.fail("etcd is not installed: run `make setup` (Debian etcd-server)")
+        raise RuntimeError("etcd is not installed: run `make setup` (Debian etcd-server)")
     network = random_network()
     ec2 = boto3.client("ec2", region_name=REGION)
     vpc = ec2.create_vpc(CidrBlock=f"{network}.0.0/16")["Vpc"]["VpcId"]
@@ -244,7 +246,7 @@ def env(moto_env: None, tmp_path: Path) -> Iterator[Env]:
         autoscaling.attach_instances(InstanceIds=[iid], AutoScalingGroupName=group)
     sqs = boto3.client("sqs", region_name=REGION)
     queue_url = sqs.create_queue(QueueName=f"dk8s-{CLUSTER}-etcd-lifecycle")["QueueUrl"]
-    cluster = EtcdCluster(tmp_path / "etcd", network)
+    cluster = EtcdCluster(root / "etcd", network)
     try:
         cluster.start(3, list(zip(ids, ips, strict=True)))
         assert cluster.tls is not None
@@ -260,6 +262,12 @@ def env(moto_env: None, tmp_path: Path) -> Iterator[Env]:
         yield Env(cluster, aws, hooks, ec2, sqs, queue_url, dict(zip(ids, GROUPS, strict=True)), subnet, network)
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def env(moto_env: None, tmp_path: Path) -> Iterator[Env]:
+    with lambda_env(tmp_path) as built:
+        yield built
 
 
 @pytest.fixture
