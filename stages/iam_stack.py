@@ -53,6 +53,7 @@ DESCRIBE_ACTIONS = (
     "ec2:DescribeTags",
     "autoscaling:DescribeAutoScalingGroups",
     "autoscaling:DescribeAutoScalingInstances",
+    "autoscaling:DescribeLifecycleHooks",
 )
 VPC_LAMBDA_ENI_ACTIONS = (
     "ec2:CreateNetworkInterface",
@@ -417,6 +418,16 @@ class IamStack(cdk.Stack):
                     )
                 )
                 applies.extend(f"Resource::{self._group_pattern(name)}" for name in config.control_plane_group_names)
+            else:
+                # The reconciler never changes membership itself: it asks the lifecycle Lambda (the single
+                # writer) through its queue, so it may only send to that queue.
+                statements.append(
+                    iam.PolicyStatement(
+                        sid="LifecycleQueueRequests",
+                        actions=["sqs:SendMessage"],
+                        resources=[self._arn("sqs", f"{config.resource_prefix}-etcd-lifecycle")],
+                    )
+                )
             policy = self._attach(role, "Policy", statements)
             suppress(
                 policy,

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
+from lambdas.common.membership import INSTANCE_ID, quorum  # the one definition of identity and quorum
 
-
-def quorum(voters: int) -> int:
-    return voters // 2 + 1
+__all__ = ["INSTANCE_ID", "MemberView", "Sample", "parse_status", "quorum", "sentinel_value"]
 
 
 @dataclass(frozen=True)
