@@ -97,6 +97,16 @@ class ClusterObservability(Construct):
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
+        alarm(
+            "RetainedControlPlaneInstances",
+            "a control-plane terminate hook was abandoned or timed out: the instance is Retained (running, outside "
+            "the group's capacity) and its etcd member may remain; check the etcd lifecycle logs, then terminate it",
+            metric=cluster_metric("RetainedInstances", "Maximum"),
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
         members = cluster_metric("EtcdMembers", "Maximum")
         alarm(
             "EtcdMemberCount",

@@ -53,5 +53,9 @@ def handle(event: Any, context: Any) -> dict[str, Any]:
     metrics.add("QuorumMargin", view.quorum_margin, "Count")
     metrics.add("Learners", len(view.learners), "Count")
     metrics.add("ReconcileRequests", len(plan.requests), "Count")
+    # A terminate hook abandoned (past the Lambda's deadline, or timed out with its ABANDON default) leaves
+    # the instance Retained: running, outside capacity, its member possibly still in etcd. An operator decides.
+    metrics.add("RetainedInstances", sum("Retained" in gi.lifecycle_state for gi in group_instances), "Count")
+    metrics.add("TerminatingWaits", sum(gi.lifecycle_state == "Terminating:Wait" for gi in group_instances), "Count")
     metrics.flush({"ClusterName": settings.cluster_name})
     return {"initialised": True, "requests": len(plan.requests), "members": len(view.members), "notes": plan.notes}

@@ -76,5 +76,6 @@ def test_the_reconciler_publishes_the_membership_metrics(handlers: Env, capsys: 
     docs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
     metrics = docs[-1]
     assert metrics["EtcdMembers"] == 3 and metrics["HealthyVoters"] == 2 and metrics["QuorumMargin"] == 0
-    assert metrics["ClusterName"] == "lambdatest"
+    assert metrics["ClusterName"] == "lambdatest" and metrics["RetainedInstances"] == 0
+    assert metrics["TerminatingWaits"] == 0
     assert {m["Name"] for m in metrics["_aws"]["CloudWatchMetrics"][0]["Metrics"]} >= {"EtcdMembers", "QuorumMargin"}

@@ -252,3 +252,21 @@ def test_imported_vpc_uses_the_given_subnets(synth: Callable[..., dict[str, Temp
     template.resource_count_is("AWS::EC2::VPC", 0)
     used = {g["Properties"]["VPCZoneIdentifier"][0] for g in control_plane_groups(template).values()}
     assert used == set(subnets)
+
+
+def test_alarms_watch_lambda_errors_dead_letters_abandoned_or_timed_out_hooks_member_count_and_quorum(
+    cluster_template: Template,
+) -> None:
+    alarms = resources(cluster_template, "AWS::CloudWatch::Alarm")
+    metric_names = set()
+    for alarm in alarms.values():
+        props = alarm["Properties"]
+        assert props.get("AlarmActions"), "every alarm notifies the alarm topic"
+        if "MetricName" in props:
+            metric_names.add(props["MetricName"])
+        for query in props.get("Metrics", []):
+            stat = query.get("MetricStat")
+            if stat:
+                metric_names.add(stat["Metric"]["MetricName"])
+    assert {"Errors", "ApproximateNumberOfMessagesVisible", "RemovalAbandoned", "RetainedInstances"} <= metric_names
+    assert {"EtcdMembers", "QuorumMargin"} <= metric_names
