@@ -5,8 +5,10 @@ item, from etcd and from EC2, never from local memory (the kOps etcd-manager rul
 
 Control-plane launch, one loop, each pass reads the world and takes at most one risky step:
 
-* ``initialised`` -> if I am already a ready member (agent restart): done. If disaster recovery is
-  proven needed (:func:`~node_agent.recovery.disaster_recovery_needed`): restore under the lock. Else
+* ``initialised`` -> if I am already a ready member (agent restart): done. If my Kubernetes version may
+  not join the cluster's recorded version (:mod:`lambdas.common.version_skew`): abandon, nothing written.
+  If disaster recovery is proven needed (:func:`~node_agent.recovery.disaster_recovery_needed`):
+  restore under the lock. Else
   join: wait until no other membership change is in flight, remove a stale member carrying my peer URL,
   ``kubeadm join`` (etcd learner, promoted when caught up), wait until my member is a healthy voter and
   the API server answers, record the membership.
@@ -39,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from lambdas.common.version_skew import check_upgrade, parse_version
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import Attempt, ClusterState, ClusterStateStore, LeaseRenewer, MemberRecord, Phase
 from node_agent.errors import AgentError, LeaseLostError, SecretUnreadableError
@@ -188,6 +191,7 @@ class Agent:
             if state.phase == Phase.INITIALISED:
                 if self._already_ready_member(state):
                     return "already-member"
+                self._check_version_skew(state)
                 if self._dr_needed(state):
                     done = self._under_lock(state, self._restore)
                     if done:
@@ -265,7 +269,8 @@ class Agent:
         assert state.attempt is not None
         self._load_lambda_client_tls()
         members = self.etcd_for(self.lambda_client_tls).members([state.attempt.client_url])
-        if not self.store.complete(self.me, Phase.INITIALISING, state.generation + 1, self._records(members)):
+        if not self.store.complete(self.me, Phase.INITIALISING, state.generation + 1, self._records(members),
+                                   kubernetes_version=self.config.kubernetes_version):  # fmt: skip
             raise LeaseLostError("could not record the adopted cluster as initialised")
         log(LOG, 30, "adopted the cluster a dead initialiser left", previous=state.attempt.holder)
         return "adopted"
@@ -293,7 +298,8 @@ class Agent:
         self._write_join_secret(token)
         members = self.etcd_for(own_tls).members([self.client_url])
         renewer.check()
-        if not self.store.complete(self.me, Phase.INITIALISING, generation, self._records(members)):
+        if not self.store.complete(self.me, Phase.INITIALISING, generation, self._records(members),
+                                   kubernetes_version=self.config.kubernetes_version):  # fmt: skip
             raise LeaseLostError("could not record initialised: the lock or the state changed under me")
         self._metric("ClusterInitialised")
         return "initialised"
@@ -363,7 +369,34 @@ class Agent:
             self._withdraw_own_member(etcd, endpoints)
             raise
         self._record_membership(state.generation, etcd, [*endpoints, self.client_url])
+        self._record_cluster_version(state)
         return "joined"
+
+    # -- version skew ----------------------------------------------------------------------------------
+    def _check_version_skew(self, state: ClusterState) -> None:
+        """Before joining or restoring: my version must be the cluster's minor (same or newer patch) or +1 minor.
+
+        Raises :class:`~lambdas.common.version_skew.VersionSkewError` (the launch abandons with its message)
+        before anything is written. An item without a recorded version (older agent) skips the check.
+        """
+        if not state.kubernetes_version:
+            log(LOG, 30, "the cluster's Kubernetes version is not recorded; version skew check skipped",
+                version=self.config.kubernetes_version)  # fmt: skip
+            return
+        check_upgrade(state.kubernetes_version, self.config.kubernetes_version)
+
+    def _record_cluster_version(self, state: ClusterState) -> None:
+        """After a successful join: a newer node raises the recorded version (never lowers it); best effort."""
+        mine, recorded = self.config.kubernetes_version, state.kubernetes_version
+        if recorded and parse_version(mine) <= parse_version(recorded):
+            return
+        try:
+            raised = self.store.raise_version(mine, recorded)
+        except Exception as err:  # the join succeeded; the next newer joiner records it
+            log(LOG, 30, "could not record the cluster's Kubernetes version", version=mine, error=str(err))
+            return
+        if raised:
+            log(LOG, 20, "recorded the cluster's Kubernetes version", previous=recorded or "unrecorded", version=mine)
 
     def _remove_stale(self, etcd: EtcdAccess, endpoints: Sequence[str]) -> None:
         removed = etcd.remove_stale_member(endpoints, self.peer_url, keep_name=self.node_name)
@@ -482,7 +515,8 @@ class Agent:
         self._write_join_secret(token)
         members = self.etcd_for(self.lambda_client_tls).members([self.client_url])
         renewer.check()
-        if not self.store.complete(self.me, Phase.RESTORING, generation, self._records(members)):
+        if not self.store.complete(self.me, Phase.RESTORING, generation, self._records(members),
+                                   kubernetes_version=self.config.kubernetes_version):  # fmt: skip
             raise LeaseLostError("could not record the restore: the lock or the state changed under me")
         log(LOG, 30, "restored", snapshot=obj.key, revision=status.revision, total_key=status.total_key)
         self._metric("DisasterRecoveryRestored")

@@ -12,6 +12,9 @@ so the decisions below hold whatever the number of concurrent nodes (invariant 2
   cluster is initialised no node can run ``kubeadm init`` again.
 * ``update_membership``: only for the generation the writer joined (a restore bumps the generation, so a
   node that joined the old cluster cannot overwrite the new membership).
+* ``kubernetes_version``: the cluster's Kubernetes version, written by ``complete`` (init, adoption,
+  restore) and raised by ``raise_version`` after a newer control-plane node joined; only ever raised.
+  Items written before this attribute existed have none: the version skew check is then skipped.
 
 A state value this agent does not know makes :meth:`read` raise :class:`UnknownClusterStateError`;
 the caller abandons its launch and writes nothing.
@@ -96,6 +99,7 @@ class ClusterState:
     initialised_at: str = ""
     attempt: Attempt | None = None
     membership_rev: int = 0
+    kubernetes_version: str = ""  # "" = not recorded (an item from an older agent): skew check skipped
 
     def lease_held_by_other(self, me: str, now: float) -> bool:
         return self.holder is not None and self.holder != me and self.lease_expires_at >= now
@@ -132,10 +136,18 @@ def parse_item(item: dict[str, Any] | None) -> ClusterState:
         initialised_at=item.get("initialised_at", {}).get("S", ""),
         attempt=Attempt.from_item(item.get("attempt")),
         membership_rev=int(item.get("membership_rev", {}).get("N", "0")),
+        kubernetes_version=item.get("kubernetes_version", {}).get("S", ""),
     )
 
 
-_NAMES = {"#s": "state", "#g": "generation", "#h": "holder", "#l": "lease_expires_at", "#r": "membership_rev"}
+_NAMES = {
+    "#s": "state",
+    "#g": "generation",
+    "#h": "holder",
+    "#l": "lease_expires_at",
+    "#r": "membership_rev",
+    "#v": "kubernetes_version",
+}
 _KNOWN = {f":k{i}": {"S": p.value} for i, p in enumerate(Phase)}
 _KNOWN_COND = "#s IN (" + ", ".join(_KNOWN) + ")"
 
@@ -225,10 +237,21 @@ class ClusterStateStore:
         if not ok:
             raise LeaseLostError(f"could not record {phase.value}: the lock or the cluster state changed under me")
 
-    def complete(self, holder: str, from_phase: Phase, generation: int, membership: list[MemberRecord]) -> bool:
-        """``initialised`` with the new generation and membership; only the holder, only from its own phase."""
+    def complete(
+        self,
+        holder: str,
+        from_phase: Phase,
+        generation: int,
+        membership: list[MemberRecord],
+        kubernetes_version: str = "",
+    ) -> bool:
+        """``initialised`` with the new generation and membership; only the holder, only from its own phase.
+
+        ``kubernetes_version`` (the version the completing node runs) is recorded when given.
+        """
+        version = ", #v = :v" if kubernetes_version else ""
         return self._update(
-            "SET #s = :d, #g = :g, last_membership = :m, initialised_at = :t REMOVE attempt",
+            f"SET #s = :d, #g = :g, last_membership = :m, initialised_at = :t{version} REMOVE attempt",
             "#h = :me AND #s = :from",
             {
                 ":me": {"S": holder},
@@ -237,7 +260,21 @@ class ClusterStateStore:
                 ":g": {"N": str(generation)},
                 ":m": {"L": [m.to_item() for m in membership]},
                 ":t": {"S": _utc_now_iso()},
+                ":v": {"S": kubernetes_version},
             },
+        )
+
+    def raise_version(self, new_version: str, expected: str) -> bool:
+        """Record ``new_version`` as the cluster's version, only if the record still says ``expected``.
+
+        Called after a control-plane node of a newer (skew-checked) version joined; a concurrent writer
+        that raised it first wins and this write is refused (the caller re-reads if it cares).
+        """
+        seen = "attribute_not_exists(#v)" if not expected else "#v = :old"
+        return self._update(
+            "SET #v = :v",
+            f"#s = :d AND {seen}",
+            {":d": {"S": Phase.INITIALISED.value}, ":v": {"S": new_version}, ":old": {"S": expected}},
         )
 
     def update_membership(self, generation: int, membership: list[MemberRecord], expected_rev: int) -> bool:
