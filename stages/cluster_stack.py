@@ -102,6 +102,10 @@ class K8sClusterStack(cdk.Stack):
             "ClusterStateTableName": state.table.table_name,
             "KmsKeyArn": state.key.key_arn,
             "VpcId": network.vpc.vpc_id,
+            # What a blue/green twin cluster imports (vpcId, vpcCidr, privateSubnetIds, privateRouteTableIds).
+            "VpcCidr": config.vpc.cidr or "",
+            "PrivateSubnetIds": ",".join(subnet.subnet_id for subnet in network.subnets),
+            "PrivateRouteTableIds": ",".join(subnet.route_table.route_table_id for subnet in network.subnets),
             "AlarmTopicArn": alarm_topic.topic.topic_arn,
         }
         # Read by the pipeline's canary step (env_from_cfn_outputs) and by `cdk deploy --outputs-file`.

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lambdas.common.version_skew import VersionSkewError, check_upgrade
+
 VERSIONS_FILE = Path(__file__).resolve().parent.parent / "imagebuilder" / "versions.json"
 
 CONTEXT_KEYS = (
@@ -39,12 +41,18 @@ CONTEXT_KEYS = (
     "alarmEmails",
     "account",
     "region",
+    "vpcEndpoints",
+    "retainNetworkOnDelete",
+    "deployedKubernetesVersion",
 )
 
 # Context keys that belong to someone else: CDK's feature flags and the pipeline's own settings.
 NOT_CLUSTER_KEY_PREFIXES = ("@aws-cdk", "aws-cdk", "cdk", "pipeline", "staging", "production", "codeArtifact")
 
 TENANCIES = ("dedicated", "default")
+# "create": this stack creates the VPC endpoints; "existing": an imported VPC already has them (a blue/green
+# twin reusing the first cluster's endpoints: a second private-DNS endpoint for the same service would clash).
+VPC_ENDPOINT_MODES = ("create", "existing")
 # Families that cannot be launched as Dedicated Instances (burstable and Mac instances need
 # Dedicated Hosts or shared tenancy), per the EC2 Dedicated Instances documentation.
 NO_DEDICATED_FAMILIES = frozenset({"t1", "t2", "t3", "t3a", "t4g", "mac1", "mac2", "mac2-m2", "mac2-m2pro"})
@@ -95,6 +103,11 @@ class VpcConfig:
     vpc_id: str | None
     private_subnet_ids: tuple[str, ...]
     private_route_table_ids: tuple[str, ...]
+    # False only for an imported VPC whose endpoints exist already ("vpcEndpoints": "existing").
+    create_endpoints: bool = True
+    # The VPC (if this stack creates it), its endpoints and their security group outlive the stack, so a
+    # blue cluster that created the network can be deleted while the green one still uses it.
+    retain_on_delete: bool = False
 
     @property
     def imported(self) -> bool:
@@ -121,6 +134,9 @@ class ClusterConfig:
     alarm_emails: tuple[str, ...] = field(default=())
     account: str | None = None
     region: str = "us-east-1"
+    # The version the deployed cluster runs, if the operator or pipeline states it: synth then refuses a
+    # kubernetesVersion this cluster may not move to (lambdas/common/version_skew.py).
+    deployed_kubernetes_version: str | None = None
 
     @property
     def ami_is_ssm_parameter(self) -> bool:
@@ -307,6 +323,17 @@ class _Parser:
         version = self.string("kubernetesVersion") or default_kubernetes_version()
         if not _K8S_VERSION.match(version):
             self.bad("kubernetesVersion", version, "must be a full Kubernetes version such as '1.34.2'")
+        deployed = self.string("deployedKubernetesVersion")
+        if deployed is not None:
+            if not _K8S_VERSION.match(deployed):
+                self.bad(
+                    "deployedKubernetesVersion", deployed, "must be the running cluster's version such as '1.34.2'"
+                )
+            elif _K8S_VERSION.match(version):
+                try:
+                    check_upgrade(deployed, version)
+                except VersionSkewError as err:
+                    self.bad("kubernetesVersion", version, f"refused by the version skew guard: {err}")
 
         ami = self.string("ami", f"/dedicated-k8s/ami/kubernetes-{'-'.join(version.split('.')[:2])}")
         assert ami is not None
@@ -391,6 +418,7 @@ class _Parser:
             alarm_emails=emails,
             account=account,
             region=region,
+            deployed_kubernetes_version=deployed,
         )
 
     def _unknown_keys(self) -> list[str]:
@@ -398,8 +426,37 @@ class _Parser:
         # neither are the pipeline's settings (pipeline/config.py validates those).
         return [k for k in self._given_keys if not k.startswith(NOT_CLUSTER_KEY_PREFIXES) and k not in CONTEXT_KEYS]
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            self.bad(key, value, "must be true or false")
+            return default
+        return value
+
     def _vpc(self, zones: tuple[str, ...]) -> VpcConfig:
         vpc_id = self.string("vpcId")
+        endpoints = self.string("vpcEndpoints", "create") or "create"
+        if endpoints not in VPC_ENDPOINT_MODES:
+            self.bad("vpcEndpoints", endpoints, f"must be one of {', '.join(VPC_ENDPOINT_MODES)}")
+        elif endpoints == "existing" and vpc_id is None:
+            self.bad(
+                "vpcEndpoints",
+                endpoints,
+                "'existing' is only valid with 'vpcId' (an imported VPC that already has the endpoints); "
+                "a new VPC gets its own",
+            )
+        retain = self.boolean("retainNetworkOnDelete", False)
+        if retain and endpoints == "existing":
+            self.bad(
+                "retainNetworkOnDelete",
+                retain,
+                "this stack creates no network resources with 'vpcEndpoints' = 'existing': nothing to retain",
+            )
+        create_endpoints = endpoints != "existing"
         cidr = self.string("vpcCidr", None if vpc_id else "10.40.0.0/16")
         subnets = self.string_list("privateSubnetIds", ())
         route_tables = self.string_list("privateRouteTableIds", ())
@@ -412,7 +469,14 @@ class _Parser:
                     self.bad("vpcCidr", cidr, "must be between /16 and /22 so each AZ gets a usable private subnet")
                 if network is not None and not network.is_private:
                     self.bad("vpcCidr", cidr, "must be a private (RFC 1918) range")
-            return VpcConfig(cidr=cidr, vpc_id=None, private_subnet_ids=(), private_route_table_ids=())
+            return VpcConfig(
+                cidr=cidr,
+                vpc_id=None,
+                private_subnet_ids=(),
+                private_route_table_ids=(),
+                create_endpoints=create_endpoints,
+                retain_on_delete=retain,
+            )
         if not _VPC_ID.match(vpc_id):
             self.bad("vpcId", vpc_id, "must be a VPC ID such as 'vpc-0123456789abcdef0'")
         if cidr is None:
@@ -439,7 +503,14 @@ class _Parser:
         for table in route_tables:
             if not _ROUTE_TABLE_ID.match(table):
                 self.bad("privateRouteTableIds", table, "must be a route table ID such as 'rtb-0123456789abcdef0'")
-        return VpcConfig(cidr=cidr, vpc_id=vpc_id, private_subnet_ids=subnets, private_route_table_ids=route_tables)
+        return VpcConfig(
+            cidr=cidr,
+            vpc_id=vpc_id,
+            private_subnet_ids=subnets,
+            private_route_table_ids=route_tables,
+            create_endpoints=create_endpoints,
+            retain_on_delete=retain,
+        )
 
     def _worker_groups(self, tenancy: str) -> tuple[WorkerGroupConfig, ...]:
         value = self.raw("workerGroups")

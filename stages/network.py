@@ -2,12 +2,20 @@
 
 The cluster runs with no NAT and no internet gateway: every AWS API that nodes and Lambdas call is
 reached through an interface endpoint (S3 and DynamoDB through gateway endpoints).
+
+Blue/green: a second cluster imports the first one's VPC and subnets (``vpcId``...) with
+``vpcEndpoints: existing`` and creates no endpoints: the first cluster's interface endpoints answer the
+services' private DNS names for the whole VPC (a second private-DNS endpoint for the same service is
+refused by EC2), and its gateway endpoints already route the shared route tables. With
+``retainNetworkOnDelete`` the VPC, its subnets, routes, endpoints and their security group outlive the
+stack (DeletionPolicy Retain), so the first cluster can be deleted while the second still uses them.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
+import aws_cdk as cdk
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
@@ -96,7 +104,15 @@ class ClusterNetwork(Construct):
             # (nodes, endpoints, NLB, Lambdas) has an explicit group (asserted by tests).
         self.vpc_cidr = config.vpc.cidr
         self.subnet_selection = ec2.SubnetSelection(subnets=self.subnets)
+        self.endpoint_security_group: ec2.SecurityGroup | None = None
+        self.interface_endpoints: dict[str, ec2.InterfaceVpcEndpoint] = {}
+        if config.vpc.create_endpoints:
+            self._create_endpoints(config)
+        if config.vpc.retain_on_delete:
+            self._retain_network()
 
+    def _create_endpoints(self, config: ClusterConfig) -> None:
+        assert config.vpc.cidr is not None
         self.endpoint_security_group = ec2.SecurityGroup(
             self,
             "EndpointSecurityGroup",
@@ -107,7 +123,6 @@ class ClusterNetwork(Construct):
         self.endpoint_security_group.add_ingress_rule(
             ec2.Peer.ipv4(config.vpc.cidr), ec2.Port.tcp(443), "HTTPS to AWS APIs from the cluster VPC"
         )
-        self.interface_endpoints: dict[str, ec2.InterfaceVpcEndpoint] = {}
         for name, service in INTERFACE_ENDPOINTS.items():
             self.interface_endpoints[name] = ec2.InterfaceVpcEndpoint(
                 self,
@@ -123,3 +138,10 @@ class ClusterNetwork(Construct):
             ec2.GatewayVpcEndpoint(
                 self, f"Endpoint-{name}", vpc=self.vpc, service=gateway, subnets=[self.subnet_selection]
             )
+
+    def _retain_network(self) -> None:
+        """Every network resource this construct creates outlives the stack, except the flow log (it writes to
+        this cluster's log bucket; a cluster that imports the VPC has its own)."""
+        for child in self.node.find_all():
+            if isinstance(child, cdk.CfnResource) and not isinstance(child, ec2.CfnFlowLog):
+                child.apply_removal_policy(cdk.RemovalPolicy.RETAIN)
