@@ -1,10 +1,17 @@
-"""The version skew rule, one row per case: same minor (patch up), exactly +1 minor; never older, never +2."""
+"""The version skew rule, one row per case: same minor (patch up), exactly +1 minor; never older, never +2.
+
+The same rule guards synth (ClusterConfig with deployedKubernetesVersion); tests/agent/test_version_skew.py
+covers the node-boot guard.
+"""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from lambdas.common.version_skew import VersionSkewError, check_upgrade, parse_version, skew_problem
+from stages.config import ClusterConfig, ConfigError
 
 ALLOWED = [
     pytest.param("1.34.2", "1.34.2", id="same version (a plain replacement)"),
@@ -53,3 +60,41 @@ def test_malformed_versions_are_refused_not_guessed(bad: str) -> None:
         check_upgrade("1.34.2", bad)
     with pytest.raises(VersionSkewError, match="is not a Kubernetes version"):
         check_upgrade(bad, "1.34.2")
+
+
+# -- at synth: ClusterConfig refuses a kubernetesVersion the deployed cluster may not move to ----------------
+
+
+def _config(**values: str) -> ClusterConfig:
+    return ClusterConfig.from_mapping(values)
+
+
+@pytest.mark.parametrize(
+    ("deployed", "new", "why"),
+    [
+        pytest.param("1.34.2", "1.36.0", "2 minor versions ahead", id="two minors ahead"),
+        pytest.param("1.34.2", "1.33.9", "older", id="older minor"),
+        pytest.param("1.34.2", "1.34.1", "older", id="older patch"),
+    ],
+)
+def test_synth_refuses_a_forbidden_skew_naming_both_versions(deployed: str, new: str, why: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _config(kubernetesVersion=new, deployedKubernetesVersion=deployed)
+    (problem,) = err.value.problems
+    assert problem.startswith(f"'kubernetesVersion' = \"{new}\": refused by the version skew guard")
+    assert f"Kubernetes {new} cannot join a cluster running {deployed}" in problem and why in problem
+
+
+@pytest.mark.parametrize(("deployed", "new"), [("1.34.2", "1.34.2"), ("1.34.2", "1.34.3"), ("1.34.2", "1.35.0")])
+def test_synth_accepts_a_same_minor_or_next_minor_version(deployed: str, new: str) -> None:
+    config = _config(kubernetesVersion=new, deployedKubernetesVersion=deployed)
+    assert (config.kubernetes_version, config.deployed_kubernetes_version) == (new, deployed)
+
+
+def test_without_a_deployed_version_synth_skips_the_check() -> None:
+    assert _config(kubernetesVersion="1.36.0").deployed_kubernetes_version is None
+
+
+def test_a_malformed_deployed_version_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=re.escape("'deployedKubernetesVersion' = \"1.34\": must be the running")):
+        _config(deployedKubernetesVersion="1.34")
