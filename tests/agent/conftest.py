@@ -114,3 +114,13 @@ def aws() -> Iterator[dict[str, Any]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Any]]:
+    """A list for the :class:`~tests.agent.harness.EmulatedNode` s a test starts: every node's etcd is killed at
+    teardown, whether the test passed or failed."""
+    started: list[Any] = []
+    yield started
+    for node in started:
+        node.runner.kill()

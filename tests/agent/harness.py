@@ -1,23 +1,31 @@
-"""Builds agents for tests: identity, fast timings, moto clients, a recorded launch hook."""
+"""Builds agents for tests: identity, fast timings, moto clients, a recorded launch hook, real etcd nodes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from node_agent.bootstrap import Agent
+from node_agent.bootstrap import Agent, LaunchOutcome
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import ClusterStateStore
-from node_agent.etcd import EtcdAccess, EtcdTls, listening
+from node_agent.etcd import EtcdAccess, EtcdTls, Member, listening
 from node_agent.etcd_membership import MembershipEtcd
 from node_agent.instance import InstanceIdentity
-from node_agent.lifecycle import RecordingLaunchHook
+from node_agent.lifecycle import RecordingLaunchHook, Result
 from node_agent.runner import CommandRunner
 from node_agent.secrets import SecretStore
 from tests.agent.conftest import REGION
 from tests.agent.kubeadm_emulator import KubeadmEmulator, SimulatedApiServer, free_loopback_ip
+
+CLUSTER_TAG_KEY = "dedicated-k8s:cluster"
+ROLE_TAG_KEY = "dedicated-k8s:role"
 
 
 def fast_settings(root: Path, **overrides: Any) -> AgentSettings:
@@ -47,8 +55,9 @@ def build_agent(
     runner: CommandRunner,
     etcd_for: Callable[[EtcdTls], EtcdAccess],
     probe: Callable[[str], bool],
+    hook: RecordingLaunchHook | None = None,
 ) -> tuple[Agent, RecordingLaunchHook]:
-    hook = RecordingLaunchHook()
+    hook = hook or RecordingLaunchHook()
     agent = Agent(
         config=cfg,
         settings=settings,
@@ -65,12 +74,68 @@ def build_agent(
     return agent, hook
 
 
+class AutoScalingGroupHook(RecordingLaunchHook):
+    """Records the decision, and on ABANDON does what the Auto Scaling group does: terminates the instance."""
+
+    def __init__(self, on_abandon: Callable[[], None]) -> None:
+        super().__init__()
+        self.on_abandon = on_abandon
+
+    def complete(self, result: Result, reason: str) -> None:
+        super().complete(result, reason)
+        if result == "ABANDON":
+            self.on_abandon()
+
+
+class NeverPromotingKubeadm(KubeadmEmulator):
+    """A ``kubeadm join`` that adds the etcd learner and starts it, then returns without promoting it
+    (as if the learner never caught up and kubeadm gave up waiting): the learner stays a learner in real etcd."""
+
+    def _promote(self, endpoints: Sequence[str], member_id: str) -> None:
+        return None
+
+
+_LOOPBACK_LOCK = threading.Lock()
+_LOOPBACK_TAKEN: set[str] = set()
+
+
+def free_ip_in_network(network: str) -> str:
+    """A free 127.N.x.y (the etcd ports bind), never handed out twice by this process."""
+    rng = random.SystemRandom()
+    for _ in range(500):
+        ip = f"{network}.{rng.randint(0, 255)}.{rng.randint(2, 254)}"
+        with _LOOPBACK_LOCK:
+            if ip in _LOOPBACK_TAKEN:
+                continue
+            try:
+                for port in (2379, 2380):
+                    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                        s.bind((ip, port))
+            except OSError:
+                continue
+            _LOOPBACK_TAKEN.add(ip)
+            return ip
+    raise RuntimeError(f"no free address in {network}.0.0/16")
+
+
+def loopback_subnet(aws: dict[str, Any]) -> tuple[str, str]:
+    """A moto VPC and subnet on a random 127.N.0.0/16: instances launched there have a private IP that is
+    a real loopback address, so EC2's view (``PrivateIpAddress``) and the node's etcd address agree."""
+    network = f"127.{random.SystemRandom().randint(2, 254)}"
+    vpc = aws["ec2"].create_vpc(CidrBlock=f"{network}.0.0/16")["Vpc"]["VpcId"]
+    subnet = aws["ec2"].create_subnet(VpcId=vpc, CidrBlock=f"{network}.0.0/16")["Subnet"]["SubnetId"]
+    return network, subnet
+
+
 class EmulatedNode:
     """One instance for the real-etcd tests and the local twin: a moto EC2 instance, a loopback address,
     a :class:`KubeadmEmulator` with real etcd, and an :class:`Agent` wired to moto.
 
     ``etcd_for`` defaults to the production adapter (:class:`MembershipEtcd`, etcd's JSON gateway);
     tests pass ``EtcdctlAccess`` to check the agent against an independent implementation.
+    ``subnet`` = ``(network, subnet_id)`` from :func:`loopback_subnet` launches the instance there with the
+    cluster and control-plane tags (EC2 then lists it among the cluster's control-plane instances at its real
+    address). ``terminate_on_abandon`` plays the group's reaction to ABANDON (:meth:`terminate`).
     """
 
     def __init__(
@@ -82,29 +147,56 @@ class EmulatedNode:
         *,
         ip: str | None = None,
         etcd_for: Callable[[EtcdTls], EtcdAccess] | None = None,
+        subnet: tuple[str, str] | None = None,
+        runner_class: type[KubeadmEmulator] = KubeadmEmulator,
+        fail: dict[str, str] | None = None,
+        terminate_on_abandon: bool = False,
         **settings: Any,
     ) -> None:
-        inst = aws["ec2"].run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]
-        ip = ip or free_loopback_ip()
+        if subnet is None:
+            inst = aws["ec2"].run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]
+            ip = ip or free_loopback_ip()
+        else:
+            ip = ip or free_ip_in_network(subnet[0])
+            tags = [{"Key": CLUSTER_TAG_KEY, "Value": cfg.cluster_name}, {"Key": ROLE_TAG_KEY, "Value": cfg.role}]
+            inst = aws["ec2"].run_instances(
+                ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SubnetId=subnet[1], PrivateIpAddress=ip,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+            )["Instances"][0]  # fmt: skip
+        self.aws = aws
+        self.api = api
+        self.cfg = cfg
         self.identity = InstanceIdentity(inst["InstanceId"], ip, REGION)
         settings.setdefault("poll_interval_seconds", 0.1)  # each poll is an etcdctl process: spare the CPU
         self.settings = fast_settings(root / self.identity.instance_id, **settings)
-        self.runner = KubeadmEmulator(
+        self.runner = runner_class(
             node_name=self.identity.node_name,
             ip=ip,
             kubernetes_dir=self.settings.kubernetes_dir,
             etcd_data_dir=self.settings.etcd_data_dir,
             api=api,
+            fail=fail,
         )
-        self.agent, self.hook = build_agent(
-            aws,
-            cfg,
+        self.etcd_for: Callable[[EtcdTls], EtcdAccess] = etcd_for or MembershipEtcd
+        hook = AutoScalingGroupHook(lambda: self.terminate(aws, api)) if terminate_on_abandon else None
+        self.agent, self.hook = self.new_agent(hook)
+
+    def new_agent(self, hook: RecordingLaunchHook | None = None) -> tuple[Agent, RecordingLaunchHook]:
+        """A fresh agent process for this instance (same disk, same kubeadm, etcd left running): an agent restart."""
+        return build_agent(
+            self.aws,
+            self.cfg,
             ident=self.identity,
             settings=self.settings,
             runner=self.runner,
-            etcd_for=etcd_for or MembershipEtcd,
+            etcd_for=self.etcd_for,
             probe=listening,
+            hook=hook,
         )
+
+    def members(self) -> list[Member]:
+        """The real member list, asked through this node's etcd with kubeadm's API-server client certificate."""
+        return MembershipEtcd(EtcdTls.kubeadm_apiserver_client(self.settings.pki_dir)).members([self.agent.client_url])
 
     def terminate(self, aws: dict[str, Any], api: SimulatedApiServer) -> None:
         """The instance dies: its etcd is killed, EC2 says terminated, the API server forgets its endpoint."""
@@ -113,3 +205,39 @@ class EmulatedNode:
         with api.lock:
             api.etcd_endpoints.pop(self.identity.node_name, None)
             api.nodes.pop(self.identity.node_name, None)
+
+
+@contextmanager
+def etcd_nodes() -> Iterator[list[EmulatedNode]]:
+    """A list to put nodes in; every node's etcd is killed on the way out, whatever happened."""
+    nodes: list[EmulatedNode] = []
+    try:
+        yield nodes
+    finally:
+        for n in nodes:
+            n.runner.kill()
+
+
+def launch_concurrently(
+    nodes: Sequence[EmulatedNode], rng: random.Random | None = None, *, head_start: int | None = None,
+    head_start_seconds: tuple[float, float] = (0.04, 0.06), timeout: float = 120.0,
+) -> list[LaunchOutcome]:  # fmt: skip
+    """Start every node's launch at once, each after a random 0-30 ms jitter; ``head_start`` lets that node
+    start ``head_start_seconds`` (a random value in that range) before the others. Outcomes in node order."""
+    rng = rng or random.Random()
+    delays = [rng.uniform(0, 0.03) + (0 if head_start in (None, i) else rng.uniform(*head_start_seconds))
+              for i in range(len(nodes))]  # fmt: skip
+    results: list[LaunchOutcome | None] = [None] * len(nodes)
+
+    def go(i: int) -> None:
+        time.sleep(delays[i])
+        results[i] = nodes[i].agent.run_launch()
+
+    threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(len(nodes))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(timeout=max(deadline - time.monotonic(), 0))
+    assert all(r is not None for r in results), f"a launch did not finish within {timeout}s: {results}"
+    return [r for r in results if r is not None]

@@ -12,8 +12,8 @@ from node_agent.__main__ import main
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.lifecycle import RecordingLaunchHook
 from tests.agent.conftest import config_values
-from tests.agent.fakes import FakeEtcd, FakeEtcdCluster, RecordingRunner
-from tests.agent.harness import build_agent, fast_settings, identity
+from tests.agent.harness import EmulatedNode
+from tests.agent.kubeadm_emulator import SimulatedApiServer
 
 
 def _write(tmp_path: Path, values: Any) -> Path:
@@ -56,24 +56,29 @@ def test_an_unreadable_config_cannot_name_its_hook_and_exits_2(tmp_path: Path) -
     assert main(["snapshot", "--config", str(_write(tmp_path, "{oops"))], factory=never) == 2
 
 
-def test_run_and_timers_through_main(aws: dict[str, Any], tmp_path: Path) -> None:
-    path = _write(tmp_path, config_values())
-    cluster = FakeEtcdCluster()
-    built: list[Any] = []
+def test_run_and_timers_through_main(aws: dict[str, Any], tmp_path: Path, nodes: list[Any]) -> None:
+    """The commands on one node with real etcd: the agent main builds is the emulated node's (moto, real etcd)."""
+    path = _write(tmp_path, config_values(kmsKeyId=aws["kms_key_id"]))
+    built: list[AgentConfig] = []
 
     def factory(cfg: AgentConfig, settings: AgentSettings) -> Any:
-        ident = identity(1)
-        s = fast_settings(tmp_path / "node")
-        runner = RecordingRunner(cluster, ident.node_name, ident.private_ip, s.pki_dir)
-        agent, hook = build_agent(aws, cfg, ident=ident, settings=s, runner=runner,
-                                  etcd_for=lambda _t: FakeEtcd(cluster), probe=cluster.alive_at)  # fmt: skip
-        built.append((agent, hook, runner))
-        return agent
+        built.append(cfg)
+        if not nodes:
+            nodes.append(EmulatedNode(aws, tmp_path, SimulatedApiServer(), cfg))
+        return nodes[0].agent
 
     assert main(["snapshot", "--config", str(path)], factory=factory) == 0  # uninitialised: skipped, not an error
     assert main(["run", "--config", str(path)], factory=factory) == 0
-    assert built[-1][1].calls == [("CONTINUE", "initialised")]
+    node = nodes[0]
+    assert node.hook.calls == [("CONTINUE", "initialised")]
+    assert [m.name for m in node.members()] == [node.identity.node_name]
     assert main(["restore", "--config", str(path)], factory=factory) == 1, "restore refuses while members answer"
+    assert node.runner.commands("etcdutl") == [] and len(node.runner.commands("kubeadm init")) == 1
+    # What the API server would have written (the emulator simulates it without touching etcd).
+    assert node.runner.etcdctl([node.agent.client_url], "put", "/registry/namespaces/default", "x").returncode == 0
+    assert main(["snapshot", "--config", str(path)], factory=factory) == 0  # the single member is the leader
+    assert len(aws["s3"].list_objects_v2(Bucket=built[0].snapshot_bucket)["Contents"]) == 1
+    assert all(cfg == built[0] for cfg in built) and built[0].cluster_name == "demo"
 
 
 def test_the_module_runs_as_a_program_and_lists_its_commands() -> None:

@@ -1,45 +1,81 @@
-"""Join token rotation: create, store, then delete the old one; never a moment without a working token."""
+"""Join token rotation: create, store, then delete the old one; never a moment without a working token.
+
+kubeadm is the :class:`~tests.agent.kubeadm_emulator.KubeadmEmulator` (its simulated API server keeps the
+bootstrap tokens; ``openssl`` runs for real on a real cluster CA). Rotation never touches etcd, so no etcd runs.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from node_agent.config import AgentConfig
+import pytest
+
+from node_agent.config import AgentConfig, AgentSettings
 from node_agent.kubeadm import BOOTSTRAP_TOKEN
+from node_agent.runner import CommandResult
 from node_agent.secrets import JoinSecret, SecretStore
 from node_agent.tokens import rotate_join_token
-from tests.agent.fakes import FakeEtcdCluster, RecordingRunner
 from tests.agent.harness import fast_settings
+from tests.agent.kubeadm_emulator import KubeadmEmulator, SimulatedApiServer, make_ca
 
 NOW = datetime(2026, 11, 25, 6, 0, 0, tzinfo=UTC)
+OLD = JoinSecret("oldtok.0123456789abcdef", "sha256:x", "t", "e")
+
+
+def _kubeadm(
+    settings: AgentSettings,
+    api: SimulatedApiServer,
+    fail: Mapping[str, str] | None = None,
+    cls: type[KubeadmEmulator] = KubeadmEmulator,
+) -> KubeadmEmulator:
+    """This control-plane node's kubeadm, with the cluster CA on disk as ``kubeadm init`` left it."""
+    make_ca(settings.pki_dir / "ca.crt", settings.pki_dir / "ca.key", "kubernetes")
+    return cls(node_name="n", ip="127.0.0.1", kubernetes_dir=settings.kubernetes_dir,
+               etcd_data_dir=settings.etcd_data_dir, api=api, fail=fail)  # fmt: skip
+
+
+def _ca_hash(ca: Path) -> str:
+    """kubeadm's discovery CA hash, computed with openssl alone: sha256 of the DER SubjectPublicKeyInfo."""
+    pem = subprocess.run(["openssl", "x509", "-in", str(ca), "-noout", "-pubkey"], capture_output=True, check=True)
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pem.stdout, capture_output=True,
+                         check=True).stdout  # fmt: skip
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> AgentSettings:
+    return fast_settings(tmp_path)
 
 
 def test_rotation_stores_the_new_token_before_deleting_the_old(
-    aws: dict[str, Any], agent_config: AgentConfig, tmp_path: Path
+    aws: dict[str, Any], agent_config: AgentConfig, settings: AgentSettings
 ) -> None:
-    settings = fast_settings(tmp_path)
     secrets = SecretStore(aws["secretsmanager"], kms_key_id=aws["kms_key_id"])
-    secrets.write_join(agent_config.join_secret_name, JoinSecret("oldtok.0123456789abcdef", "sha256:x", "t", "e"))
-
+    secrets.write_join(agent_config.join_secret_name, OLD)
+    api = SimulatedApiServer(tokens={OLD.token})
     order: list[str] = []
 
-    class Watching(RecordingRunner):
-        def run(self, argv: Any, **kw: Any) -> Any:
+    class Watching(KubeadmEmulator):
+        def run(self, argv: Any, **kw: Any) -> CommandResult:
             if list(argv[:3]) == ["kubeadm", "token", "delete"]:
                 stored = secrets.read_join(agent_config.join_secret_name).token
                 order.append(f"delete {argv[3]} while secret holds {stored}")
             return super().run(argv, **kw)
 
-    runner = Watching(FakeEtcdCluster(), "n", "10.0.0.1", settings.pki_dir)
+    runner = _kubeadm(settings, api, cls=Watching)
     new = rotate_join_token(agent_config, settings, runner, secrets, now=lambda: NOW)
 
     assert BOOTSTRAP_TOKEN.match(new.token) and new.token_id != "oldtok"
     assert new.expires_at == "2026-11-26T06:00:00Z"
     assert new.api_endpoint == agent_config.control_plane_endpoint
-    assert new.ca_cert_hash.startswith("sha256:")
+    assert new.ca_cert_hash == _ca_hash(settings.pki_dir / "ca.crt")
     assert secrets.read_join(agent_config.join_secret_name) == new
+    assert api.tokens == {new.token}, "the new token works, the old one is gone"
     admin = str(settings.kubernetes_dir / "admin.conf")
     creates = runner.commands("kubeadm token create")
     description = "dedicated-k8s worker join token (rotated by the node agent)"
@@ -51,18 +87,14 @@ def test_rotation_stores_the_new_token_before_deleting_the_old(
 
 
 def test_a_failed_create_leaves_the_old_token_in_place(
-    aws: dict[str, Any], agent_config: AgentConfig, tmp_path: Path
+    aws: dict[str, Any], agent_config: AgentConfig, settings: AgentSettings
 ) -> None:
-    settings = fast_settings(tmp_path)
     secrets = SecretStore(aws["secretsmanager"])
-    old = JoinSecret("oldtok.0123456789abcdef", "sha256:x", "t", "e")
-    secrets.write_join(agent_config.join_secret_name, old)
-    runner = RecordingRunner(FakeEtcdCluster(), "n", "10.0.0.1", settings.pki_dir, fail={"kubeadm token": "refused"})
-    try:
+    secrets.write_join(agent_config.join_secret_name, OLD)
+    api = SimulatedApiServer(tokens={OLD.token})
+    runner = _kubeadm(settings, api, fail={"kubeadm token": "refused"})
+    with pytest.raises(Exception, match="refused"):
         rotate_join_token(agent_config, settings, runner, secrets)
-    except Exception as err:
-        assert "refused" in str(err)
-    else:
-        raise AssertionError("rotation must fail when kubeadm cannot create the token")
-    assert secrets.read_join(agent_config.join_secret_name) == old
+    assert secrets.read_join(agent_config.join_secret_name) == OLD
     assert runner.commands("kubeadm token delete") == []
+    assert api.tokens == {OLD.token}
