@@ -61,6 +61,7 @@ TOO_SMALL_FOR_CONTROL_PLANE = frozenset({"nano", "micro", "small", "medium"})
 
 _CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9-]{1,22}[a-z0-9]$")
 _K8S_VERSION = re.compile(r"^1\.(\d{2})\.(\d{1,3})$")
+S3_BUCKET_NAME_MAX = 63
 _AMI_ID = re.compile(r"^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
 _SSM_NAME = re.compile(r"^/[A-Za-z0-9_.\-/]{1,1010}$")
 _INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([0-9a-z]+)$")
@@ -212,7 +213,15 @@ class ClusterConfig:
         return f"{self.secrets_prefix}/worker-join"
 
     def snapshot_bucket_name(self, account: str, region: str) -> str:
-        return f"{self.resource_prefix}-etcd-snapshots-{account}-{region}"
+        return self.bucket_names(self.resource_prefix, account, region)[0]
+
+    def image_logs_bucket_name(self, account: str, region: str) -> str:
+        return self.bucket_names(self.resource_prefix, account, region)[1]
+
+    @staticmethod
+    def bucket_names(prefix: str, account: str, region: str) -> tuple[str, str]:
+        """Every bucket name the stacks create: (etcd snapshots, Image Builder logs)."""
+        return f"{prefix}-etcd-snapshots-{account}-{region}", f"{prefix}-imagebuilder-logs-{account}-{region}"
 
     @property
     def control_plane_group_names(self) -> tuple[str, ...]:
@@ -366,6 +375,18 @@ class _Parser:
         account = self.string("account")
         if account is not None and not _ACCOUNT.match(account):
             self.bad("account", account, "must be a 12-digit AWS account ID")
+        if _CLUSTER_NAME.match(cluster_name) and _REGION.match(region):
+            # Bucket names embed the account and region and S3 allows 63 characters: say so at synth, not at deploy.
+            probe = ClusterConfig.bucket_names(f"dk8s-{cluster_name}", "0" * 12, region)
+            longest = max(probe, key=len)
+            if len(longest) > S3_BUCKET_NAME_MAX:
+                room = len(cluster_name) - (len(longest) - S3_BUCKET_NAME_MAX)
+                self.bad(
+                    "clusterName",
+                    cluster_name,
+                    f"too long for region {region}: the bucket '{longest.replace('0' * 12, '<account>')}' would be "
+                    f"{len(longest)} characters (S3 allows {S3_BUCKET_NAME_MAX}); use at most {room} characters",
+                )
 
         zones = self.string_list("availabilityZones", tuple(f"{region}{suffix}" for suffix in "abc"))
         if len(set(zones)) < 3:
