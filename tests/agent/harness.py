@@ -168,6 +168,10 @@ class EmulatedNode:
         self.cfg = cfg
         self.identity = InstanceIdentity(inst["InstanceId"], ip, REGION)
         settings.setdefault("poll_interval_seconds", 0.1)  # each poll is an etcdctl process: spare the CPU
+        # A holder that releases the lock never makes anyone wait for its lease, so a long one costs nothing; a 2 s
+        # lease did starve on a saturated CI machine (the initialiser lost the lock mid-init and abandoned).
+        settings.setdefault("lease_seconds", 10.0)
+        settings.setdefault("renew_interval_seconds", 0.5)
         self.settings = fast_settings(root / self.identity.instance_id, **settings)
         self.runner = runner_class(
             node_name=self.identity.node_name,
