@@ -232,6 +232,8 @@ class EtcdCluster:
         for node in self.nodes.values():
             with contextlib.suppress(Exception):
                 self.kill(node.name)
+            # etcd preallocates 64 MB WAL segments: leave nothing that large behind.
+            shutil.rmtree(node.data_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
