@@ -118,9 +118,9 @@ def aws() -> Iterator[dict[str, Any]]:
 
 @pytest.fixture
 def nodes() -> Iterator[list[Any]]:
-    """A list for the :class:`~tests.agent.harness.EmulatedNode` s a test starts: every node's etcd is killed at
-    teardown, whether the test passed or failed."""
+    """A list for the :class:`~tests.agent.harness.EmulatedNode` s a test starts: every node is discarded at
+    teardown (etcd killed, its data dir deleted), whether the test passed or failed."""
     started: list[Any] = []
     yield started
     for node in started:
-        node.runner.kill()
+        node.discard()

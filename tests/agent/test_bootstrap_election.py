@@ -71,7 +71,7 @@ def _run_trials(
     **node_options: Any,
 ) -> list[Any]:
     """Three nodes per trial, created up front on this thread (moto's EC2 backend is not written to
-    concurrently), then up to PARALLEL trials at a time. Every etcd is killed at the end, pass or fail."""
+    concurrently), then up to PARALLEL trials at a time. Every node is discarded at the end, pass or fail."""
     with etcd_nodes() as all_nodes:
         per_trial: dict[int, list[EmulatedNode]] = {}
         for t in trials:
@@ -82,9 +82,9 @@ def _run_trials(
         def run(t: int) -> Any:
             try:
                 return trial(t, per_trial[t])
-            finally:  # a finished trial stops its etcd at once (idle members still heartbeat)
+            finally:  # a finished trial stops its etcd at once (idle members still heartbeat) and frees its disk
                 for n in per_trial[t]:
-                    n.runner.kill()
+                    n.discard()
 
         with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
             futures = [pool.submit(run, t) for t in trials]
