@@ -106,6 +106,87 @@ CCM_CREATE_ACTIONS = (
 )
 
 
+def _stack_arn(stack: cdk.Stack, service: str, resource: str, name: str | None = None, *, colon: bool = False) -> str:
+    fmt = cdk.ArnFormat.COLON_RESOURCE_NAME if colon else cdk.ArnFormat.SLASH_RESOURCE_NAME
+    return stack.format_arn(service=service, resource=resource, resource_name=name, arn_format=fmt)
+
+
+def ssm_agent_statements(stack: cdk.Stack, config: ClusterConfig) -> list[iam.PolicyStatement]:
+    """The SSM agent's channels ("*": no resource-level permissions) and the cluster's own parameters."""
+    return [
+        iam.PolicyStatement(sid="SsmAgent", actions=list(SSM_AGENT_ACTIONS), resources=["*"]),
+        iam.PolicyStatement(
+            sid="ClusterParameters",
+            actions=["ssm:GetParameter", "ssm:GetParameters"],
+            resources=[_stack_arn(stack, "ssm", "parameter", config.ssm_prefix.lstrip("/") + "/*")],
+        ),
+    ]
+
+
+def cluster_key_statement(stack: cdk.Stack, config: ClusterConfig) -> iam.PolicyStatement:
+    """Use of the KMS keys that carry the cluster tag."""
+    return iam.PolicyStatement(
+        sid="ClusterKmsKey",
+        actions=["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
+        resources=[_stack_arn(stack, "kms", "key", "*")],
+        conditions={"StringEquals": {f"aws:ResourceTag/{ClusterConfig.CLUSTER_TAG_KEY}": config.cluster_name}},
+    )
+
+
+def image_builder_statements(stack: cdk.Stack, config: ClusterConfig) -> list[iam.PolicyStatement]:
+    """What the Image Builder build instance needs: one definition for IamStack's role and ImageStack's own."""
+    logs_bucket = stack.format_arn(
+        service="s3", region="", account="", resource=f"{config.resource_prefix}-imagebuilder-logs-*"
+    )
+    return [
+        *ssm_agent_statements(stack, config),
+        iam.PolicyStatement(
+            sid="ImageBuilderAgent",
+            actions=["imagebuilder:GetComponent", "imagebuilder:GetContainerRecipe", "ssm:GetDocument"],
+            resources=[
+                _stack_arn(stack, "imagebuilder", "component", "*"),
+                _stack_arn(stack, "imagebuilder", "container-recipe", "*"),
+                _stack_arn(stack, "ssm", "document", "*"),
+            ],
+        ),
+        iam.PolicyStatement(sid="BuildLogs", actions=["s3:PutObject"], resources=[f"{logs_bucket}/*"]),
+        iam.PolicyStatement(
+            sid="BuildAssets",
+            actions=["s3:GetObject"],
+            resources=[stack.format_arn(service="s3", region="", account="", resource="cdk-*-assets-*/*")],
+        ),
+        iam.PolicyStatement(
+            sid="BuildInstanceLogs",
+            actions=["logs:CreateLogStream", "logs:CreateLogGroup", "logs:PutLogEvents"],
+            resources=[_stack_arn(stack, "logs", "log-group", "/aws/imagebuilder/*:*", colon=True)],
+        ),
+        cluster_key_statement(stack, config),
+    ]
+
+
+IMAGE_BUILDER_WILDCARDS_REASON = (
+    "Image Builder's agent reads components/recipes/SSM documents chosen at build time, writes logs under "
+    "the cluster's build-log buckets and reads the CDK asset bucket; the SSM agent channels need '*'"
+)
+
+
+def image_builder_wildcards(config: ClusterConfig) -> list[object]:
+    """cdk-nag ``applies_to`` for the wildcards of :func:`image_builder_statements`, and only those."""
+    return _applies(
+        [
+            "Resource::*",
+            "Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*",
+            f"Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter{config.ssm_prefix}/*",
+            "Resource::arn:<AWS::Partition>:imagebuilder:<AWS::Region>:<AWS::AccountId>:component/*",
+            "Resource::arn:<AWS::Partition>:imagebuilder:<AWS::Region>:<AWS::AccountId>:container-recipe/*",
+            "Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:document/*",
+            f"Resource::arn:<AWS::Partition>:s3:::{config.resource_prefix}-imagebuilder-logs-*/*",
+            "Resource::arn:<AWS::Partition>:s3:::cdk-*-assets-*/*",
+            "Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:/aws/imagebuilder/*:*",
+        ]
+    )
+
+
 class IamStack(cdk.Stack):
     """Roles for control-plane nodes, workers, the etcd Lambdas and the Image Builder instance."""
 
@@ -128,8 +209,7 @@ class IamStack(cdk.Stack):
     # ---- ARNs built from the deterministic names (the resources are created later) ----------
 
     def _arn(self, service: str, resource: str, name: str | None = None, *, colon: bool = False) -> str:
-        fmt = cdk.ArnFormat.COLON_RESOURCE_NAME if colon else cdk.ArnFormat.SLASH_RESOURCE_NAME
-        return self.format_arn(service=service, resource=resource, resource_name=name, arn_format=fmt)
+        return _stack_arn(self, service, resource, name, colon=colon)
 
     def _group_arns(self, names: tuple[str, ...] | list[str]) -> list[str]:
         return [
@@ -159,12 +239,7 @@ class IamStack(cdk.Stack):
 
     @property
     def _cluster_keys(self) -> iam.PolicyStatement:
-        return iam.PolicyStatement(
-            sid="ClusterKmsKey",
-            actions=["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
-            resources=[self._arn("kms", "key", "*")],
-            conditions={"StringEquals": {f"aws:ResourceTag/{ClusterConfig.CLUSTER_TAG_KEY}": self.config.cluster_name}},
-        )
+        return cluster_key_statement(self, self.config)
 
     def _log_groups(self, *names: str) -> list[str]:
         return [self._arn("logs", "log-group", f"{name}:*", colon=True) for name in names]
@@ -217,14 +292,7 @@ class IamStack(cdk.Stack):
         )
 
     def _ssm_agent(self) -> list[iam.PolicyStatement]:
-        return [
-            iam.PolicyStatement(sid="SsmAgent", actions=list(SSM_AGENT_ACTIONS), resources=["*"]),
-            iam.PolicyStatement(
-                sid="ClusterParameters",
-                actions=["ssm:GetParameter", "ssm:GetParameters"],
-                resources=[self._arn("ssm", "parameter", self.config.ssm_prefix.lstrip("/") + "/*")],
-            ),
-        ]
+        return ssm_agent_statements(self, self.config)
 
     def _describe(self) -> iam.PolicyStatement:
         return iam.PolicyStatement(sid="Describe", actions=list(DESCRIBE_ACTIONS), resources=["*"])
@@ -439,51 +507,10 @@ class IamStack(cdk.Stack):
             )
 
     def _image_builder_policy(self) -> None:
-        config = self.config
-        logs_bucket = self.format_arn(
-            service="s3", region="", account="", resource=f"{config.resource_prefix}-imagebuilder-logs-*"
-        )
-        statements = [
-            *self._ssm_agent(),
-            iam.PolicyStatement(
-                sid="ImageBuilderAgent",
-                actions=["imagebuilder:GetComponent", "imagebuilder:GetContainerRecipe", "ssm:GetDocument"],
-                resources=[
-                    self._arn("imagebuilder", "component", "*"),
-                    self._arn("imagebuilder", "container-recipe", "*"),
-                    self._arn("ssm", "document", "*"),
-                ],
-            ),
-            iam.PolicyStatement(sid="BuildLogs", actions=["s3:PutObject"], resources=[f"{logs_bucket}/*"]),
-            iam.PolicyStatement(
-                sid="BuildAssets",
-                actions=["s3:GetObject"],
-                resources=[self.format_arn(service="s3", region="", account="", resource="cdk-*-assets-*/*")],
-            ),
-            iam.PolicyStatement(
-                sid="BuildInstanceLogs",
-                actions=["logs:CreateLogStream", "logs:CreateLogGroup", "logs:PutLogEvents"],
-                resources=self._log_groups("/aws/imagebuilder/*"),
-            ),
-            self._cluster_keys,
-        ]
-        policy = self._attach(self.image_builder_role, "Policy", statements)
+        policy = self._attach(self.image_builder_role, "Policy", image_builder_statements(self, self.config))
         suppress(
             policy,
             "AwsSolutions-IAM5",
-            "Image Builder's agent reads components/recipes/SSM documents chosen at build time, writes logs under "
-            "the cluster's build-log buckets and reads the CDK asset bucket; the SSM agent channels need '*'",
-            applies_to=_applies(
-                [
-                    "Resource::*",
-                    "Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*",
-                    f"Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter{config.ssm_prefix}/*",
-                    "Resource::arn:<AWS::Partition>:imagebuilder:<AWS::Region>:<AWS::AccountId>:component/*",
-                    "Resource::arn:<AWS::Partition>:imagebuilder:<AWS::Region>:<AWS::AccountId>:container-recipe/*",
-                    "Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:document/*",
-                    f"Resource::arn:<AWS::Partition>:s3:::{config.resource_prefix}-imagebuilder-logs-*/*",
-                    "Resource::arn:<AWS::Partition>:s3:::cdk-*-assets-*/*",
-                    "Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:/aws/imagebuilder/*:*",
-                ]
-            ),
+            IMAGE_BUILDER_WILDCARDS_REASON,
+            applies_to=image_builder_wildcards(self.config),
         )

@@ -3,10 +3,13 @@
 Recipe: Amazon Linux 2023 (parent image from the public SSM parameter, resolved by Image Builder at each
 build, so every build starts from the latest patched AL2023) plus the components in
 ``imagebuilder/components/`` rendered from ``imagebuilder/versions.json``. The build instance uses
-IamStack's Image Builder instance profile (by name), runs in a private subnet, is terminated on failure
-and logs to S3. Distribution encrypts the AMI with this stack's KMS key, names it after the Kubernetes
-version, and writes the AMI ID to the SSM parameter that ``ClusterConfig.ami`` names (Image Builder's
-own distribution SSM parameter setting, so no Lambda or custom resource is needed).
+IamStack's Image Builder instance profile (by name; ``build_role="iam-stack"``, the manual path) or, in the
+pipeline's ImageStage (``build_role="own"``), a role and instance profile of this stack with the same
+statements (``stages.iam_stack.image_builder_statements``), so the image can be built before any IamStack
+exists. It runs in a private subnet, is terminated on failure and logs to S3. Distribution encrypts the
+AMI with this stack's KMS key, names it after the Kubernetes version, and writes the AMI ID to the SSM
+parameter that ``ClusterConfig.ami`` names (Image Builder's own distribution SSM parameter setting, so no
+Lambda or custom resource is needed).
 
 Every name that must change with the content carries a digest of it: a component's name carries its
 rendered document's digest and the recipe's name the Kubernetes version plus the digest of all of them,
@@ -37,12 +40,15 @@ from imagebuilder.versions import (
     short_digest,
 )
 from stages.config import ClusterConfig, ConfigError
+from stages.iam_stack import IMAGE_BUILDER_WILDCARDS_REASON, image_builder_statements, image_builder_wildcards
 from stages.nag import skip_checkov, suppress
 
 # Amazon Linux 2023, x86_64, the default kernel: the public parameter AWS keeps pointing at the latest AMI.
 PARENT_IMAGE_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 BUILD_INSTANCE_TYPES = ("m6i.large",)
 ROOT_VOLUME_GIB = 40  # images (~1.5 GB), binaries, and room for kubelet's image GC thresholds
+# Where the build instance's role comes from: IamStack's profile by name, or this stack's own.
+BUILD_ROLES = ("iam-stack", "own")
 
 
 def pipeline_name(config: ClusterConfig) -> str:
@@ -71,9 +77,19 @@ class ImageStack(cdk.Stack):
         config: ClusterConfig,
         build_vpc_id: str | None = None,
         build_subnet_id: str | None = None,
+        build_role: str = "iam-stack",
+        build_network_parameters: tuple[str, str] | None = None,
         versions: Versions | None = None,
         **kwargs: Any,
     ) -> None:
+        """``build_vpc_id`` / ``build_subnet_id``: the build network (values or deploy-time tokens); when not
+        given, the stack takes them as the CloudFormation parameters BuildVpcId / BuildSubnetId, which
+        ``build_network_parameters`` (SSM parameter names: VPC ID, subnet ID) lets CloudFormation read from SSM.
+        ``build_role``: "iam-stack" uses IamStack's Image Builder instance profile by name (deploy IamStack
+        first); "own" creates this stack's least-privilege build role and instance profile.
+        """
+        if build_role not in BUILD_ROLES:
+            raise ValueError(f"build_role = {build_role!r}: must be one of {', '.join(BUILD_ROLES)}")
         super().__init__(scope, construct_id, **kwargs)
         self.config = config
         self.versions = versions or load_versions()
@@ -87,17 +103,26 @@ class ImageStack(cdk.Stack):
         cdk.Tags.of(self).add(ClusterConfig.CLUSTER_TAG_KEY, config.cluster_name)
         prefix = config.resource_prefix
 
-        vpc_id = build_vpc_id or self._parameter("BuildVpcId", "AWS::EC2::VPC::Id", "VPC of the private build subnet")
+        vpc_ssm, subnet_ssm = build_network_parameters or (None, None)
+        vpc_id = build_vpc_id or self._parameter(
+            "BuildVpcId", "AWS::EC2::VPC::Id", "VPC of the private build subnet", from_ssm=vpc_ssm
+        )
         subnet_id = build_subnet_id or self._parameter(
             "BuildSubnetId",
             "AWS::EC2::Subnet::Id",
             "Private subnet for the build instance: HTTPS egress (NAT or proxy) to the release hosts at build "
             "time only, plus the S3 gateway endpoint for the Amazon Linux repositories",
+            from_ssm=subnet_ssm,
         )
 
         self.key = self._key()
         self.logs_bucket = self._logs_bucket()
         self.security_group = self._security_group(vpc_id)
+        self.build_role: iam.Role | None = None
+        if build_role == "own":
+            self.build_role, instance_profile_name = self._own_build_role()
+        else:
+            instance_profile_name = config.image_builder_role_name
 
         bundle = s3_assets.Asset(self, "NodeAgentBundle", path=str(agent_bundle_dir()))
         self.components = self._components(bundle)
@@ -138,8 +163,12 @@ class ImageStack(cdk.Stack):
             self,
             "Infrastructure",
             name=f"{prefix}-kubernetes-ami",
-            description="Build instance: IamStack's Image Builder profile, private subnet, IMDSv2, logs to S3",
-            instance_profile_name=config.image_builder_role_name,
+            description=(
+                "Build instance: "
+                + ("this stack's build profile" if self.build_role else "IamStack's Image Builder profile")
+                + ", private subnet, IMDSv2, logs to S3"
+            ),
+            instance_profile_name=instance_profile_name,
             instance_types=list(BUILD_INSTANCE_TYPES),
             subnet_id=subnet_id,
             security_group_ids=[self.security_group.attr_group_id],
@@ -207,8 +236,46 @@ class ImageStack(cdk.Stack):
 
     # ---- pieces ------------------------------------------------------------------------------
 
-    def _parameter(self, name: str, type_: str, description: str) -> str:
+    def _parameter(self, name: str, type_: str, description: str, *, from_ssm: str | None = None) -> str:
+        if from_ssm is not None:
+            # CloudFormation resolves the SSM parameter at deploy time and validates the ID's type.
+            return cdk.CfnParameter(
+                self,
+                name,
+                type=f"AWS::SSM::Parameter::Value<{type_}>",
+                default=from_ssm,
+                description=f"{description} (read from the SSM parameter {from_ssm})",
+            ).value_as_string
         return cdk.CfnParameter(self, name, type=type_, description=description).value_as_string
+
+    def _own_build_role(self) -> tuple[iam.Role, str]:
+        """The build instance's role and profile, with IamStack's Image Builder statements (one definition).
+
+        Names are generated by CloudFormation: this stack never collides with an IamStack's role of the
+        deterministic name in the same account.
+        """
+        role = iam.Role(
+            self,
+            "BuildRole",
+            description=f"dedicated-k8s {self.config.cluster_name}: the Image Builder build instance",
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+        )
+        profile = iam.CfnInstanceProfile(self, "BuildInstanceProfile", roles=[role.role_name])
+        policy = iam.Policy(self, "BuildPolicy", statements=image_builder_statements(self, self.config))
+        policy.attach_to_role(role)
+        suppress(
+            policy, "AwsSolutions-IAM5", IMAGE_BUILDER_WILDCARDS_REASON, applies_to=image_builder_wildcards(self.config)
+        )
+        skip_checkov(
+            policy.node.default_child,  # type: ignore[arg-type]
+            [
+                (
+                    "CKV_AWS_111",
+                    "writes on '*' are only the SSM agent's channels, which have no resource-level permissions",
+                )
+            ],
+        )
+        return role, profile.ref
 
     def _key(self) -> kms.Key:
         key = kms.Key(
