@@ -136,11 +136,12 @@ class Chaos:
         before = {i.instance_id for i in self.twin.control_plane_instances()}
 
         def joining() -> bool:
-            new = [i for i in self.twin.control_plane_instances(PENDING_WAIT) if i.instance_id not in before]
-            s = self.twin.latest()
-            return bool(new) and s is not None and s.learners > 0
+            """The replacement is launched and not InService yet: its join (learner add, catch-up, promotion)
+            is under way. Decided on the lifecycle state alone, which is cheap to poll: etcd's learner phase can
+            fall between two samples of a slow observer, and a missed window used to stall the run."""
+            return any(i.instance_id not in before for i in self.twin.control_plane_instances(PENDING_WAIT))
 
-        self.twin.wait_for("a replacement's learner", joining, self.timeout, interval=0.05)
+        self.twin.wait_for("a replacement's join", joining, self.timeout, interval=0.02)
         second = self.rng.choice(self._in_service())
         rep.terminated.append(second)
         self.twin.terminate(second)
