@@ -15,6 +15,10 @@ stagingClusterName, productionClusterName   the stage's cluster name (default <c
                                <clusterName>-production); must leave the snapshot bucket name (which embeds
                                account and region) within S3's 63 characters
 codeArtifactDomain, codeArtifactRepository, codeArtifactOwner   optional pip/npm mirror
+imageBuildVpcId, imageBuildSubnetId   the private subnet (and its VPC) where the pipeline's image stack runs the
+                               AMI build (both or neither); when absent, CloudFormation reads them at deploy time
+                               from the SSM parameters <ssmPrefix>/pipeline/image-build-vpc-id and
+                               <ssmPrefix>/pipeline/image-build-subnet-id, so no account's IDs live in cdk.json
 pipelineNotificationEmails     who hears about failures and approval waits
 """
 
@@ -37,6 +41,8 @@ _REPOSITORY = re.compile(r"^[\w.-]+/[\w.-]+$")
 _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
 _NAME = re.compile(r"^[\w.-]{1,100}$")
+_VPC_ID = re.compile(r"^vpc-([0-9a-f]{8}|[0-9a-f]{17})$")
+_SUBNET_ID = re.compile(r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$")
 
 
 S3_BUCKET_NAME_MAX = 63
@@ -79,8 +85,13 @@ def stage_cluster_config(get: Callable[[str], Any], target: StageTarget) -> Clus
     try:
         config = ClusterConfig.from_context(lookup)
     except ConfigError as err:
+        # The stage's cluster name is set by <stage>ClusterName (never by clusterName): name that key.
         raise ConfigError(
-            [f"{target.name} stage ({name_key}, {target.name}Overrides): {p}" for p in err.problems]
+            [
+                f"{target.name} stage ({name_key}, {target.name}Overrides): "
+                + p.replace("'clusterName' = ", f"'{name_key}' = ", 1)
+                for p in err.problems
+            ]
         ) from err
     # Names that embed the account and region must still fit AWS's limits once those are known.
     bucket = config.snapshot_bucket_name("0" * 12, config.region)
@@ -112,6 +123,8 @@ class PipelineSettings:
     code_artifact_repository: str | None = None
     code_artifact_owner: str | None = None
     notification_emails: tuple[str, ...] = ()
+    image_build_vpc_id: str | None = None
+    image_build_subnet_id: str | None = None
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> PipelineSettings:
@@ -177,6 +190,14 @@ class PipelineSettings:
                 None,
                 "set both codeArtifactDomain and codeArtifactRepository, or neither",
             )
+        build_vpc = text("imageBuildVpcId", _VPC_ID, "must be a VPC ID (vpc-...)")
+        build_subnet = text("imageBuildSubnetId", _SUBNET_ID, "must be a subnet ID (subnet-...)")
+        for key, value, other in (
+            ("imageBuildVpcId", get("imageBuildVpcId"), get("imageBuildSubnetId")),
+            ("imageBuildSubnetId", get("imageBuildSubnetId"), get("imageBuildVpcId")),
+        ):
+            if value is None and other is not None:
+                bad(key, None, "set both imageBuildVpcId and imageBuildSubnetId, or neither (then both come from SSM)")
         settings = cls(
             source=source,
             branch=text("pipelineBranch", _NAME, "must be a branch name") or "main",
@@ -205,6 +226,8 @@ class PipelineSettings:
             code_artifact_repository=mirror,
             code_artifact_owner=text("codeArtifactOwner", _ACCOUNT, "must be a 12-digit AWS account ID"),
             notification_emails=emails,
+            image_build_vpc_id=build_vpc,
+            image_build_subnet_id=build_subnet,
         )
         if problems:
             raise ConfigError(problems)

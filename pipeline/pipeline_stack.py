@@ -1,7 +1,8 @@
 """PipelineStack: the self-mutating CDK Pipeline that promotes IamStack + K8sClusterStack.
 
-    Source -> Build (make test, npx cdk synth) -> UpdatePipeline (self-mutation)
-        -> Ami (Image Builder; AMI ID to the SSM parameter the cluster config reads) -> Assets
+    Source -> Build (make test, npx cdk synth) -> UpdatePipeline (self-mutation) -> Assets
+        -> Ami (deploy ImageStack: the Image Builder pipeline and its own build role; then BuildAmi runs it
+           once and writes the AMI ID to the SSM parameter both stages' cluster config reads)
         -> Staging (IamStack, K8sClusterStack, then the quorum canary)
         -> Production (manual approval, IamStack, K8sClusterStack, then the quorum canary)
 
@@ -33,6 +34,7 @@ from constructs import Construct
 from pipeline.config import PipelineSettings, StageTarget
 from stages.cluster_stage import ClusterStage
 from stages.config import ClusterConfig
+from stages.image_stage import ImageStage
 from stages.nag import skip_checkov, suppress
 
 # The CDK CLI the pipeline's own actions (self-mutation, asset publishing) install: the one package.json pins.
@@ -95,8 +97,11 @@ class PipelineStack(cdk.Stack):
             ),
         )
 
+        # The image stack deploys first (it owns its build role: no IamStack needed), then the AMI is built
+        # once; its ID flows to staging and production, so production gets the AMI staging tested.
+        self.image_stage = self._image_stage()
         self.ami_step = self._ami_step([staging, production])
-        self.pipeline.add_wave("Ami", post=[self.ami_step])
+        self.pipeline.add_stage(self.image_stage, post=[self.ami_step])
 
         self.staging_stage = ClusterStage(self, "Staging", config=staging)
         self.staging_canary = self._canary_step("StagingCanary", self.staging_stage)
@@ -213,6 +218,14 @@ class PipelineStack(cdk.Stack):
         )
 
     # --- AMI ------------------------------------------------------------------------------------
+
+    def _image_stage(self) -> ImageStage:
+        """ImageStack in the pipeline's account and region."""
+        account = None if cdk.Token.is_unresolved(self.account) else self.account
+        region = None if cdk.Token.is_unresolved(self.region) else self.region
+        return image_stage(
+            self, "Ami", config=self.config, settings=self.settings, env=cdk.Environment(account=account, region=region)
+        )
 
     def _ami_step(self, stages: Sequence[ClusterConfig]) -> pipelines.CodeBuildStep:
         """Run the Image Builder pipeline, then publish the AMI ID where the stages read it.
@@ -499,6 +512,23 @@ class PipelineStack(cdk.Stack):
                     _regex(rf"Resource::arn:<AWS::Partition>:codeartifact:{_REGION}:{_ACCOUNT}:package/.*"),
                 ],
             )
+
+
+def image_stage(
+    scope: Construct, construct_id: str, *, config: ClusterConfig, settings: PipelineSettings, **kwargs: Any
+) -> ImageStage:
+    """The pipeline's ImageStage: the build network from context (imageBuildVpcId/imageBuildSubnetId) or,
+    when context names none, from the SSM parameters <ssmPrefix>/pipeline/image-build-{vpc,subnet}-id."""
+    prefix = f"{config.ssm_prefix}/pipeline"
+    return ImageStage(
+        scope,
+        construct_id,
+        config=config,
+        build_vpc_id=settings.image_build_vpc_id,
+        build_subnet_id=settings.image_build_subnet_id,
+        build_network_parameters=(f"{prefix}/image-build-vpc-id", f"{prefix}/image-build-subnet-id"),
+        **kwargs,
+    )
 
 
 def _stage_config(target: StageTarget) -> ClusterConfig:

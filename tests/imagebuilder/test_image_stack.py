@@ -19,6 +19,7 @@ from scripts.synth_and_check import run_cfn_lint, run_checkov
 from stages.config import ClusterConfig, ConfigError
 from stages.iam_stack import IamStack
 from stages.image_stack import PARENT_IMAGE_PARAMETER, ImageStack, ami_parameter_name, pipeline_name
+from stages.image_stage import ImageStage
 from stages.nag import apply_policy_checks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -280,3 +281,130 @@ def test_bundle_is_pure_python(image: Synthesized) -> None:
     (asset_dir,) = [m.parent for m in image.outdir.glob("asset.*/MANIFEST.json")]
     native = [p for p in asset_dir.rglob("*") if p.suffix in (".so", ".pyd")]
     assert native == []
+
+
+# --- the pipeline's variant: ImageStage, the stack owning its build role ----------------------------
+
+
+@dataclass
+class StageSynthesized:
+    outdir: Path
+    raw: dict[str, Any]
+    config: ClusterConfig
+    iam_policy: dict[str, Any]  # IamStack's Image Builder role policy document
+    nag_findings: list[str]
+
+
+def synth_stage(outdir: Path, **network: Any) -> StageSynthesized:
+    app = cdk.App(outdir=str(outdir), context=_context())
+    config = ClusterConfig.from_context(app.node.try_get_context)
+    env = cdk.Environment(account=config.account, region=config.region)
+    stage = ImageStage(app, "Ami", config=config, env=env, **network)
+    iam = IamStack(app, "IamStack", config=config, env=env, stack_name=f"{config.resource_prefix}-iam")
+    assembly = app.synth()
+    stage_assembly = next(a.nested_assembly for a in assembly.nested_assemblies)
+    artifact = stage_assembly.get_stack_by_name(stage.image.stack_name)
+    findings = [
+        f"{m.id}: {str(m.entry.data)[:300]}"
+        for m in artifact.messages
+        if m.level in (cdk.cx_api.SynthesisMessageLevel.ERROR, cdk.cx_api.SynthesisMessageLevel.WARNING)
+    ]
+    iam_template = assembly.get_stack_by_name(iam.stack_name).template
+    (iam_policy,) = [
+        r["Properties"]["PolicyDocument"]
+        for r in iam_template["Resources"].values()
+        if r["Type"] == "AWS::IAM::Policy"
+        and {"Ref": _logical_id_of_role(iam_template, config.image_builder_role_name)} in r["Properties"]["Roles"]
+    ]
+    raw = json.loads(Path(artifact.template_full_path).read_text())
+    return StageSynthesized(outdir, raw, config, iam_policy, findings)
+
+
+def _logical_id_of_role(template: dict[str, Any], name: str) -> str:
+    (logical_id,) = [
+        k
+        for k, r in template["Resources"].items()
+        if r["Type"] == "AWS::IAM::Role" and r["Properties"]["RoleName"] == name
+    ]
+    return logical_id
+
+
+SSM_NETWORK = ("/dk8s/pipeline/image-build-vpc-id", "/dk8s/pipeline/image-build-subnet-id")
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> StageSynthesized:
+    return synth_stage(tmp_path_factory.mktemp("image-stage"), build_network_parameters=SSM_NETWORK)
+
+
+def _of_type(raw: dict[str, Any], type_: str) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in raw["Resources"].items() if v["Type"] == type_}
+
+
+def test_own_build_role_has_exactly_iam_stacks_image_builder_statements(own: StageSynthesized) -> None:
+    (policy,) = _of_type(own.raw, "AWS::IAM::Policy").values()
+    assert policy["Properties"]["PolicyDocument"] == own.iam_policy
+    (role_id,) = _of_type(own.raw, "AWS::IAM::Role")
+    assert policy["Properties"]["Roles"] == [{"Ref": role_id}]
+    role = _of_type(own.raw, "AWS::IAM::Role")[role_id]["Properties"]
+    assert role["AssumeRolePolicyDocument"]["Statement"] == [
+        {"Action": "sts:AssumeRole", "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}}
+    ]
+    assert "ManagedPolicyArns" not in role and "Policies" not in role
+
+
+def test_own_build_profile_is_the_infrastructures_and_never_iam_stacks_name(own: StageSynthesized) -> None:
+    (profile_id,) = _of_type(own.raw, "AWS::IAM::InstanceProfile")
+    (role_id,) = _of_type(own.raw, "AWS::IAM::Role")
+    profile = _of_type(own.raw, "AWS::IAM::InstanceProfile")[profile_id]["Properties"]
+    assert profile["Roles"] == [{"Ref": role_id}]
+    (infra,) = _of_type(own.raw, "AWS::ImageBuilder::InfrastructureConfiguration").values()
+    assert infra["Properties"]["InstanceProfileName"] == {"Ref": profile_id}
+    # Generated names: no clash with an IamStack's deterministic role/profile name in the same account.
+    assert own.config.image_builder_role_name not in json.dumps(own.raw)
+
+
+def test_build_network_is_read_from_ssm_when_not_given(own: StageSynthesized) -> None:
+    parameters = own.raw["Parameters"]
+    assert parameters["BuildVpcId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::VPC::Id>"
+    assert parameters["BuildVpcId"]["Default"] == SSM_NETWORK[0]
+    assert parameters["BuildSubnetId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Subnet::Id>"
+    assert parameters["BuildSubnetId"]["Default"] == SSM_NETWORK[1]
+    (infra,) = _of_type(own.raw, "AWS::ImageBuilder::InfrastructureConfiguration").values()
+    assert infra["Properties"]["SubnetId"] == {"Ref": "BuildSubnetId"}
+
+
+def test_build_network_ids_given_are_used_as_literals(tmp_path: Path) -> None:
+    given = synth_stage(
+        tmp_path,
+        build_vpc_id="vpc-0123456789abcdef0",
+        build_subnet_id="subnet-0123456789abcdef0",
+        build_network_parameters=SSM_NETWORK,
+    )
+    assert not {"BuildVpcId", "BuildSubnetId"} & set(given.raw.get("Parameters", {}))
+    (infra,) = _of_type(given.raw, "AWS::ImageBuilder::InfrastructureConfiguration").values()
+    assert infra["Properties"]["SubnetId"] == "subnet-0123456789abcdef0"
+    (group,) = _of_type(given.raw, "AWS::EC2::SecurityGroup").values()
+    assert group["Properties"]["VpcId"] == "vpc-0123456789abcdef0"
+
+
+@pytest.mark.parametrize(
+    "network",
+    [{"build_vpc_id": "vpc-0123456789abcdef0", "build_network_parameters": SSM_NETWORK}, {}],
+)
+def test_image_stage_refuses_half_a_build_network(network: dict[str, Any]) -> None:
+    app = cdk.App(context=_context())
+    config = ClusterConfig.from_context(app.node.try_get_context)
+    with pytest.raises(ValueError, match="ImageStage"):
+        ImageStage(app, "Ami", config=config, **network)
+
+
+def test_unknown_build_role_is_refused() -> None:
+    app = cdk.App(context=_context())
+    config = ClusterConfig.from_context(app.node.try_get_context)
+    with pytest.raises(ValueError, match="build_role"):
+        ImageStack(app, "ImageStack", config=config, build_role="shared")
+
+
+def test_own_build_role_stack_has_no_unsuppressed_cdk_nag_finding(own: StageSynthesized) -> None:
+    assert own.nag_findings == []

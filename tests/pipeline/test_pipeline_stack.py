@@ -17,6 +17,7 @@ from aws_cdk.assertions import Match, Template
 
 from app import build_app
 from pipeline.config import PipelineSettings
+from pipeline.pipeline_stack import image_stage
 from stages.config import ClusterConfig, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,6 +126,7 @@ def test_pipeline_is_a_top_level_stack_beside_the_manual_ones(default: Synthesiz
     top_level = {name for name in default.templates if "/" not in name}
     assert top_level == {"IamStack", "ImageStack", "K8sClusterStack", "PipelineStack"}
     assert {"PipelineStack/Staging/IamStack", "PipelineStack/Staging/K8sClusterStack"} <= set(default.templates)
+    assert "PipelineStack/Ami/ImageStack" in default.templates
     assert {"PipelineStack/Production/IamStack", "PipelineStack/Production/K8sClusterStack"} <= set(default.templates)
 
 
@@ -135,7 +137,58 @@ def test_stages_run_source_build_selfmutation_ami_staging_production(default: Sy
     names = [stage["Name"] for stage in default.stages()]
     # "Assets" (CDK Pipelines publishing the Lambda code) sits wherever CDK puts it before the deployments.
     assert [n for n in names if n != "Assets"] == ["Source", "Build", "UpdatePipeline", "Ami", "Staging", "Production"]
-    assert names.index("Assets") < names.index("Staging")
+    # The image stack's node-agent bundle is an asset too: published before the Ami stage deploys it.
+    assert names.index("Assets") < names.index("Ami")
+
+
+def test_ami_stage_deploys_the_image_stack_then_builds_the_ami_before_staging(default: Synthesized) -> None:
+    actions = default.stage("Ami")
+    prefix = ClusterConfig.from_context(default.context.get).resource_prefix
+    deploys = _deploys(actions)
+    assert [a["Configuration"]["StackName"] for a in deploys if a["Name"].endswith(".Deploy")] == [f"{prefix}-image"]
+    (build,) = [a for a in actions if a["Name"] == "BuildAmi"]
+    assert build["ActionTypeId"]["Provider"] == "CodeBuild"
+    # The AMI build starts only once the image pipeline (ImageStack) is deployed ...
+    assert build["RunOrder"] > max(a["RunOrder"] for a in deploys)
+    assert actions[-1] is build
+    # ... and the whole Ami stage (one build, one AMI) precedes both cluster stages.
+    names = [stage["Name"] for stage in default.stages()]
+    assert names.index("Ami") < names.index("Staging") < names.index("Production")
+    assert not any(a["Name"] == "BuildAmi" for s in ("Staging", "Production") for a in default.stage(s))
+
+
+def test_pipelines_image_stack_owns_its_build_role_so_no_iam_stack_is_needed_first(default: Synthesized) -> None:
+    image = default.templates["PipelineStack/Ami/ImageStack"]
+    config = ClusterConfig.from_context(default.context.get)
+    profiles = {k for k, r in image["Resources"].items() if r["Type"] == "AWS::IAM::InstanceProfile"}
+    (infra,) = [r for r in image["Resources"].values() if r["Type"] == "AWS::ImageBuilder::InfrastructureConfiguration"]
+    assert len(profiles) == 1 and infra["Properties"]["InstanceProfileName"] == {"Ref": profiles.pop()}
+    assert config.image_builder_role_name not in json.dumps(image)
+    # The pipeline the AMI step starts is the one this stack creates.
+    (pipeline,) = [r for r in image["Resources"].values() if r["Type"] == "AWS::ImageBuilder::ImagePipeline"]
+    assert pipeline["Properties"]["Name"] == f"{config.resource_prefix}-kubernetes-ami"
+
+
+def synthesize_image_only(overrides: dict[str, Any], outdir: Path) -> dict[str, Any]:
+    """The pipeline's ImageStage as PipelineStack builds it, without synthesizing the cluster stages."""
+    app = cdk.App(context={**cdk_json_context(), **overrides}, outdir=str(outdir))
+    config = ClusterConfig.from_context(app.node.try_get_context)
+    settings = PipelineSettings.from_context(app.node.try_get_context)
+    stage = image_stage(app, "Ami", config=config, settings=settings, env=cdk.Environment(region=config.region))
+    return dict(stage.synth().get_stack_by_name(stage.image.stack_name).template)
+
+
+def test_image_build_network_comes_from_ssm_unless_context_names_it(tmp_path: Path) -> None:
+    config = ClusterConfig.from_context(cdk_json_context().get)
+    parameters = synthesize_image_only({}, tmp_path / "ssm")["Parameters"]
+    assert parameters["BuildSubnetId"]["Default"] == f"{config.ssm_prefix}/pipeline/image-build-subnet-id"
+    assert parameters["BuildVpcId"]["Default"] == f"{config.ssm_prefix}/pipeline/image-build-vpc-id"
+    given = synthesize_image_only(
+        {"imageBuildVpcId": "vpc-0a1b2c3d", "imageBuildSubnetId": "subnet-0a1b2c3d4e5f60718"}, tmp_path / "ctx"
+    )
+    assert not {"BuildVpcId", "BuildSubnetId"} & set(given.get("Parameters", {}))
+    (infra,) = [r for r in given["Resources"].values() if r["Type"] == "AWS::ImageBuilder::InfrastructureConfiguration"]
+    assert infra["Properties"]["SubnetId"] == "subnet-0a1b2c3d4e5f60718"
 
 
 def test_pipeline_mutates_itself_before_anything_is_deployed(default: Synthesized) -> None:
@@ -186,7 +239,7 @@ def test_production_starts_with_the_manual_approval(default: Synthesized) -> Non
 
 
 def test_ami_step_builds_the_image_and_publishes_its_id_for_the_stages(default: Synthesized) -> None:
-    (build,) = default.stage("Ami")
+    (build,) = [a for a in default.stage("Ami") if a["Name"] == "BuildAmi"]
     commands = default.buildspec(build)["phases"]["build"]["commands"]
     assert any("./build-k8s-ami-imagebuilder.sh --region" in c and "pipefail" in c for c in commands)
     parameter = ClusterConfig.from_context(default.context.get).ami
@@ -373,6 +426,10 @@ def test_s3_source(s3_source: Synthesized) -> None:
         ({"productionOverrides": "[1]"}, "'productionOverrides'"),
         ({"stagingClusterName": "a-very-long-staging-name"}, "'stagingClusterName'"),
         ({"codeArtifactDomain": "mirror"}, "'codeArtifactRepository'"),
+        ({"imageBuildVpcId": "vpc-12", "imageBuildSubnetId": "subnet-0a1b2c3d"}, "'imageBuildVpcId'"),
+        ({"imageBuildVpcId": "vpc-0a1b2c3d", "imageBuildSubnetId": "sg-0a1b2c3d"}, "'imageBuildSubnetId'"),
+        ({"imageBuildSubnetId": "subnet-0a1b2c3d"}, "'imageBuildVpcId'"),
+        ({"imageBuildVpcId": "vpc-0a1b2c3d"}, "'imageBuildSubnetId'"),
     ],
 )
 def test_bad_pipeline_context_names_the_key(overrides: dict[str, Any], named: str) -> None:
