@@ -74,6 +74,18 @@ _GROUP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,20}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
+def bucket_name_problem(name: str, cluster_name: str) -> str | None:
+    """None if ``name`` (with a 12-digit account in it) fits S3's limit, else what to do about it."""
+    if len(name) <= S3_BUCKET_NAME_MAX:
+        return None
+    room = len(cluster_name) - (len(name) - S3_BUCKET_NAME_MAX)
+    shown = name.replace("0" * 12, "<account>")
+    return (
+        f"the bucket '{shown}' would be {len(name)} characters (S3 allows {S3_BUCKET_NAME_MAX}); "
+        f"use at most {room} characters"
+    )
+
+
 class ConfigError(ValueError):
     """One or more context values are invalid; each line names the key, the value and what is allowed."""
 
@@ -376,17 +388,11 @@ class _Parser:
         if account is not None and not _ACCOUNT.match(account):
             self.bad("account", account, "must be a 12-digit AWS account ID")
         if _CLUSTER_NAME.match(cluster_name) and _REGION.match(region):
-            # Bucket names embed the account and region and S3 allows 63 characters: say so at synth, not at deploy.
-            probe = ClusterConfig.bucket_names(f"dk8s-{cluster_name}", "0" * 12, region)
-            longest = max(probe, key=len)
-            if len(longest) > S3_BUCKET_NAME_MAX:
-                room = len(cluster_name) - (len(longest) - S3_BUCKET_NAME_MAX)
-                self.bad(
-                    "clusterName",
-                    cluster_name,
-                    f"too long for region {region}: the bucket '{longest.replace('0' * 12, '<account>')}' would be "
-                    f"{len(longest)} characters (S3 allows {S3_BUCKET_NAME_MAX}); use at most {room} characters",
-                )
+            # The snapshot bucket's name embeds the account and region and S3 allows 63 characters: say so at
+            # synth, not at deploy. (ImageStack checks its own logs bucket the same way: only it creates one.)
+            problem = bucket_name_problem(f"dk8s-{cluster_name}-etcd-snapshots-{'0' * 12}-{region}", cluster_name)
+            if problem:
+                self.bad("clusterName", cluster_name, f"too long for region {region}: {problem}")
 
         zones = self.string_list("availabilityZones", tuple(f"{region}{suffix}" for suffix in "abc"))
         if len(set(zones)) < 3:

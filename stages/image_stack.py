@@ -18,6 +18,7 @@ because Image Builder components and recipes are immutable name/version pairs.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aws_cdk as cdk
@@ -39,7 +40,7 @@ from imagebuilder.versions import (
     render_component,
     short_digest,
 )
-from stages.config import ClusterConfig, ConfigError
+from stages.config import ClusterConfig, ConfigError, bucket_name_problem
 from stages.iam_stack import IMAGE_BUILDER_WILDCARDS_REASON, image_builder_statements, image_builder_wildcards
 from stages.nag import skip_checkov, suppress
 
@@ -342,6 +343,12 @@ class ImageStack(cdk.Stack):
 
     def _logs_bucket(self) -> s3.Bucket:
         # The name matches IamStack's BuildLogs statement ({prefix}-imagebuilder-logs-*).
+        region = self.config.region if cdk.Token.is_unresolved(self.region) else self.region
+        probe = self.config.image_logs_bucket_name("0" * 12, region)
+        problem = bucket_name_problem(probe, self.config.cluster_name)
+        if problem:
+            name = json.dumps(self.config.cluster_name)
+            raise ConfigError([f"'clusterName' = {name}: too long for ImageStack in {region}: {problem}"])
         bucket = s3.Bucket(
             self,
             "BuildLogs",
