@@ -176,10 +176,12 @@ class Chaos:
         rep.terminated = self._in_service()
         self.quorum_exempt_from = time.time()
         self.quorum_exempt_until = float("inf")
-        # only writes acknowledged up to the latest snapshot's revision are required from now on
-        self.required_after_dr.append((time.time(), latest.revision))
         for iid in rep.terminated:
             self.twin.machine.fail_instance(iid)  # type: ignore[union-attr]
+        # Only writes up to the latest snapshot's revision are required from now on. The boundary is taken once
+        # every old member is dead (fail_instance kills synchronously): the dying cluster may still acknowledge
+        # writes while the instances go one by one, and those are in no snapshot (lost by design).
+        self.required_after_dr.append((time.time(), latest.revision))
 
     def _snapshots(self) -> list[SnapshotObject]:
         assert self.twin.cloud is not None
