@@ -44,8 +44,6 @@ _NAME = re.compile(r"^[\w.-]{1,100}$")
 _VPC_ID = re.compile(r"^vpc-([0-9a-f]{8}|[0-9a-f]{17})$")
 _SUBNET_ID = re.compile(r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$")
 
-
-S3_BUCKET_NAME_MAX = 63
 # Keys a stage may override; the cluster name is derived (<clusterName>-<stage>), never overridden.
 STAGE_OVERRIDE_KEYS = tuple(k for k in CONTEXT_KEYS if k != "clusterName")
 
@@ -93,16 +91,7 @@ def stage_cluster_config(get: Callable[[str], Any], target: StageTarget) -> Clus
                 for p in err.problems
             ]
         ) from err
-    # Names that embed the account and region must still fit AWS's limits once those are known.
-    bucket = config.snapshot_bucket_name("0" * 12, config.region)
-    if len(bucket) > S3_BUCKET_NAME_MAX:
-        raise ConfigError(
-            [
-                f"'{name_key}' = {json.dumps(config.cluster_name)}: too long for this stage; the snapshot bucket "
-                f"'{config.snapshot_bucket_name('<account>', config.region)}' would be {len(bucket)} characters "
-                f"(S3 allows {S3_BUCKET_NAME_MAX}); set a shorter {name_key}"
-            ]
-        )
+    # ClusterConfig already refuses a cluster name too long for the region's bucket names (named above).
     return config
 
 
