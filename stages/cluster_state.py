@@ -17,6 +17,37 @@ from constructs import Construct
 from stages.config import ClusterConfig
 from stages.nag import skip_checkov, suppress
 
+VOLUME_KEY_ACTIONS = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"]
+
+
+def grant_auto_scaling_volumes(key: kms.Key) -> None:
+    """Let EC2 Auto Scaling's service-linked role use ``key`` for the encrypted volumes it launches."""
+    autoscaling_role = iam.ArnPrincipal(
+        cdk.Stack.of(key).format_arn(
+            service="iam",
+            region="",
+            resource="role",
+            resource_name="aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling",
+        )
+    )
+    key.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="AutoScalingEncryptedVolumes",
+            principals=[autoscaling_role],
+            actions=list(VOLUME_KEY_ACTIONS),
+            resources=["*"],
+        )
+    )
+    key.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="AutoScalingGrants",
+            principals=[autoscaling_role],
+            actions=["kms:CreateGrant"],
+            resources=["*"],
+            conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
+        )
+    )
+
 
 class ClusterState(Construct):
     def __init__(self, scope: Construct, construct_id: str, *, config: ClusterConfig) -> None:
@@ -32,31 +63,7 @@ class ClusterState(Construct):
         )
         # EC2 Auto Scaling launches instances with CMK-encrypted root volumes through its service-linked
         # role, which needs the key (without this, every launch fails with Client.InternalError).
-        autoscaling_role = iam.ArnPrincipal(
-            stack.format_arn(
-                service="iam",
-                region="",
-                resource="role",
-                resource_name="aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling",
-            )
-        )
-        self.key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="AutoScalingEncryptedVolumes",
-                principals=[autoscaling_role],
-                actions=["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"],
-                resources=["*"],
-            )
-        )
-        self.key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="AutoScalingGrants",
-                principals=[autoscaling_role],
-                actions=["kms:CreateGrant"],
-                resources=["*"],
-                conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
-            )
-        )
+        grant_auto_scaling_volumes(self.key)
         # Services that write encrypted data for the cluster: logs, the alarm topic, EventBridge -> SQS.
         for sid, principal in (
             ("CloudWatchLogs", iam.ServicePrincipal(f"logs.{stack.region}.amazonaws.com")),

@@ -40,6 +40,7 @@ from imagebuilder.versions import (
     render_component,
     short_digest,
 )
+from stages.cluster_state import VOLUME_KEY_ACTIONS, grant_auto_scaling_volumes
 from stages.config import ClusterConfig, ConfigError, bucket_name_problem
 from stages.iam_stack import IMAGE_BUILDER_WILDCARDS_REASON, image_builder_statements, image_builder_wildcards
 from stages.nag import skip_checkov, suppress
@@ -288,32 +289,8 @@ class ImageStack(cdk.Stack):
             removal_policy=cdk.RemovalPolicy.RETAIN,
         )
         # EC2 Auto Scaling launches the cluster's nodes from this AMI through its service-linked role.
-        autoscaling_role = iam.ArnPrincipal(
-            self.format_arn(
-                service="iam",
-                region="",
-                resource="role",
-                resource_name="aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling",
-            )
-        )
-        volume_actions = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"]
-        key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="AutoScalingEncryptedVolumes",
-                principals=[autoscaling_role],
-                actions=volume_actions,
-                resources=["*"],
-            )
-        )
-        key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="AutoScalingGrants",
-                principals=[autoscaling_role],
-                actions=["kms:CreateGrant"],
-                resources=["*"],
-                conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
-            )
-        )
+        grant_auto_scaling_volumes(key)
+        volume_actions = list(VOLUME_KEY_ACTIONS)
         # Image Builder (its service-linked role) copies and encrypts the AMI and launches the build and test
         # instances through EC2; principals of this account may use the key only through EC2 (the aws/ebs pattern).
         key.add_to_resource_policy(
