@@ -31,18 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from stages.config import CONTEXT_KEYS, ClusterConfig, ConfigError
+# The ID and region formats are the cluster config's, so both accept exactly the same values.
+from stages.config import _ACCOUNT, _REGION, _SUBNET_ID, _VPC_ID, CONTEXT_KEYS, ClusterConfig, ConfigError
 
 SOURCES = ("codeconnections", "codecommit", "s3")
 _CONNECTION_ARN = re.compile(
     r"^arn:aws[a-z-]*:(codeconnections|codestar-connections):[a-z0-9-]+:\d{12}:connection/[\w-]+$"
 )
 _REPOSITORY = re.compile(r"^[\w.-]+/[\w.-]+$")
-_ACCOUNT = re.compile(r"^\d{12}$")
-_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
 _NAME = re.compile(r"^[\w.-]{1,100}$")
-_VPC_ID = re.compile(r"^vpc-([0-9a-f]{8}|[0-9a-f]{17})$")
-_SUBNET_ID = re.compile(r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$")
 
 # Keys a stage may override; the cluster name is derived (<clusterName>-<stage>), never overridden.
 STAGE_OVERRIDE_KEYS = tuple(k for k in CONTEXT_KEYS if k != "clusterName")
