@@ -233,16 +233,26 @@ def etcd_nodes() -> Iterator[list[EmulatedNode]]:
 
 def launch_concurrently(
     nodes: Sequence[EmulatedNode], rng: random.Random | None = None, *, head_start: int | None = None,
-    head_start_seconds: tuple[float, float] = (0.04, 0.06), timeout: float = 120.0,
+    head_start_seconds: tuple[float, float] = (0.04, 0.06), others_wait_for: Callable[[], bool] | None = None,
+    timeout: float = 120.0,
 ) -> list[LaunchOutcome]:  # fmt: skip
     """Start every node's launch at once, each after a random 0-30 ms jitter; ``head_start`` lets that node
-    start ``head_start_seconds`` (a random value in that range) before the others. Outcomes in node order."""
+    start ``head_start_seconds`` (a random value in that range) before the others. With ``others_wait_for`` the
+    head start is an event, not a time: the others start (after their jitter) once that predicate holds, so a
+    loaded machine cannot turn the head start into a race. Outcomes in node order."""
     rng = rng or random.Random()
-    delays = [rng.uniform(0, 0.03) + (0 if head_start in (None, i) else rng.uniform(*head_start_seconds))
-              for i in range(len(nodes))]  # fmt: skip
+    delays = []
+    for i in range(len(nodes)):
+        late = others_wait_for is None and head_start not in (None, i)
+        delays.append(rng.uniform(0, 0.03) + (rng.uniform(*head_start_seconds) if late else 0))
     results: list[LaunchOutcome | None] = [None] * len(nodes)
 
     def go(i: int) -> None:
+        if others_wait_for is not None and head_start not in (None, i):
+            until = time.monotonic() + timeout / 2
+            while not others_wait_for():
+                assert time.monotonic() < until, "the head-start node never reached its event"
+                time.sleep(0.005)
         time.sleep(delays[i])
         results[i] = nodes[i].agent.run_launch()
 
