@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lambdas.common.version_skew import check_upgrade, parse_version
+from node_agent.audit import write_policy as write_audit_policy
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import Attempt, ClusterState, ClusterStateStore, LeaseRenewer, MemberRecord, Phase
 from node_agent.errors import AgentError, LeaseLostError, SecretUnreadableError
@@ -184,6 +185,7 @@ class Agent:
     # -- control plane ---------------------------------------------------------------------------------
     def _launch_control_plane(self) -> str:
         state = self.store.read()  # an unknown state raises here, before anything is written
+        write_audit_policy(self.settings.kubernetes_dir)  # the API server this node runs reads it at start
         if state.phase == Phase.UNINITIALISED and state.holder is None and state.generation == 0:
             self.store.ensure_item()
         while True:

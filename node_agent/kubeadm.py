@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node_agent.audit import api_server_audit
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.errors import AgentError
 from node_agent.instance import InstanceIdentity
@@ -72,7 +73,10 @@ def cluster_configuration(cfg: AgentConfig, ident: InstanceIdentity, settings: A
         "controlPlaneEndpoint": cfg.control_plane_endpoint,
         "certificatesDir": str(settings.pki_dir),
         "networking": {"podSubnet": cfg.pod_cidr, "serviceSubnet": cfg.service_cidr, "dnsDomain": "cluster.local"},
-        "apiServer": {"certSANs": [cfg.api_endpoint, ident.private_ip, ident.node_name, "127.0.0.1", "localhost"]},
+        "apiServer": {
+            "certSANs": [cfg.api_endpoint, ident.private_ip, ident.node_name, "127.0.0.1", "localhost"],
+            **api_server_audit(settings.kubernetes_dir),
+        },
         "controllerManager": {"extraArgs": _args([("cloud-provider", "external")])},
         "etcd": {
             "local": {
