@@ -1,12 +1,14 @@
 """Structured JSON log lines on stdout (journald keeps them) and CloudWatch embedded-metric-format lines.
 
-EMF lines are plain stdout JSON that the CloudWatch agent turns into metrics: no API call, no internet.
+EMF lines go to stdout and to the CloudWatch agent's local EMF listener, which turns them into metrics:
+no API call, no internet (:mod:`node_agent.telemetry`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import time
 from typing import IO, Any
@@ -48,26 +50,44 @@ def log(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
 
 
 class Metrics:
-    """Writes one EMF JSON line per metric to ``stream`` (stdout in production)."""
+    """Writes one EMF JSON line per metric to ``stream`` (stdout in production: journald keeps it) and, when
+    ``emf_endpoint`` is set, sends the same line to the CloudWatch agent's local EMF listener (UDP, best
+    effort: a metric must never fail the agent), which delivers it to ``log_group`` as a metric."""
 
-    def __init__(self, cluster_name: str, stream: IO[str] | None = None, namespace: str = METRICS_NAMESPACE) -> None:
+    def __init__(
+        self,
+        cluster_name: str,
+        stream: IO[str] | None = None,
+        namespace: str = METRICS_NAMESPACE,
+        *,
+        emf_endpoint: tuple[str, int] | None = None,
+        log_group: str | None = None,
+    ) -> None:
         self.cluster_name = cluster_name
         self.stream = stream
         self.namespace = namespace
+        self.emf_endpoint = emf_endpoint
+        self.log_group = log_group
 
     def put(self, name: str, value: float, unit: str = "Count", **dimensions: str) -> dict[str, Any]:
         dims = {"ClusterName": self.cluster_name, **dimensions}
-        doc: dict[str, Any] = {
-            "_aws": {
-                "Timestamp": int(time.time() * 1000),
-                "CloudWatchMetrics": [
-                    {"Namespace": self.namespace, "Dimensions": [list(dims)], "Metrics": [{"Name": name, "Unit": unit}]}
-                ],
-            },
-            **dims,
-            name: value,
+        meta: dict[str, Any] = {
+            "Timestamp": int(time.time() * 1000),
+            "CloudWatchMetrics": [
+                {"Namespace": self.namespace, "Dimensions": [list(dims)], "Metrics": [{"Name": name, "Unit": unit}]}
+            ],
         }
+        if self.log_group:
+            meta["LogGroupName"] = self.log_group
+        doc: dict[str, Any] = {"_aws": meta, **dims, name: value}
+        line = json.dumps(doc)
         stream = self.stream or sys.stdout
-        stream.write(json.dumps(doc) + "\n")
+        stream.write(line + "\n")
         stream.flush()
+        if self.emf_endpoint is not None:
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.sendto(line.encode() + b"\n", self.emf_endpoint)
+            except OSError:
+                pass  # the CloudWatch agent is down: the line is still in the journal
         return doc

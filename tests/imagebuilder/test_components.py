@@ -121,6 +121,7 @@ EXPECTED_COMPONENTS = {
     "40-images.yaml",
     "50-node-agent.yaml",
     "60-ssm-agent.yaml",
+    "65-cloudwatch-agent.yaml",
     "70-hardening.yaml",
 }
 
