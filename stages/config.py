@@ -44,6 +44,7 @@ CONTEXT_KEYS = (
     "vpcEndpoints",
     "retainNetworkOnDelete",
     "deployedKubernetesVersion",
+    "auditLogRetentionDays",
 )
 
 # Context keys that belong to someone else: CDK's feature flags and the pipeline's own settings.
@@ -84,6 +85,11 @@ def bucket_name_problem(name: str, cluster_name: str) -> str | None:
         f"the bucket '{shown}' would be {len(name)} characters (S3 allows {S3_BUCKET_NAME_MAX}); "
         f"use at most {room} characters"
     )
+
+
+# The values CloudWatch Logs accepts for a log group's retention.
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
+                      3288, 3653)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -145,6 +151,8 @@ class ClusterConfig:
     snapshot_interval_minutes: int
     snapshot_retention_days: int
     alarm_emails: tuple[str, ...] = field(default=())
+    # API server audit log and node metrics log groups (CloudWatch Logs' allowed retention values only).
+    audit_log_retention_days: int = 365
     account: str | None = None
     region: str = "us-east-1"
     # The version the deployed cluster runs, if the operator or pipeline states it: synth then refuses a
@@ -213,12 +221,21 @@ class ClusterConfig:
         return f"{self.resource_prefix}-cluster-ops"
 
     @property
+    def termination_handler_queue_name(self) -> str:
+        """The SQS queue of aws-node-termination-handler (EC2 interruption/health events, never ASG hooks)."""
+        return f"{self.resource_prefix}-termination-handler"
+
+    @property
     def pki_secret_name(self) -> str:
         return f"{self.secrets_prefix}/pki"
 
     @property
     def etcd_client_secret_name(self) -> str:
         return f"{self.secrets_prefix}/etcd-client"
+
+    @property
+    def kube_client_secret_name(self) -> str:
+        return f"{self.secrets_prefix}/lifecycle-kube-client"
 
     @property
     def join_secret_name(self) -> str:
@@ -424,6 +441,14 @@ class _Parser:
             if not _EMAIL.match(email):
                 self.bad("alarmEmails", email, "must be an e-mail address")
 
+        audit_retention = self.raw("auditLogRetentionDays")
+        if audit_retention is None:
+            audit_retention = 365
+        elif isinstance(audit_retention, bool) or audit_retention not in LOG_RETENTION_DAYS:
+            allowed = ", ".join(map(str, LOG_RETENTION_DAYS))
+            self.bad("auditLogRetentionDays", audit_retention, f"must be one of CloudWatch Logs' periods: {allowed}")
+            audit_retention = 365
+
         for key in self._unknown_keys():
             self.bad(key, self._get(key), f"is not a known key; known keys: {', '.join(CONTEXT_KEYS)}")
 
@@ -443,6 +468,7 @@ class _Parser:
             snapshot_interval_minutes=interval,
             snapshot_retention_days=retention,
             alarm_emails=emails,
+            audit_log_retention_days=audit_retention,
             account=account,
             region=region,
             deployed_kubernetes_version=deployed,

@@ -58,6 +58,8 @@ def test_cdk_json_defaults_validate() -> None:
         ({"kubernetesVersion": "1.34"}, "'kubernetesVersion'", "1.34", "full Kubernetes version"),
         ({"ami": "my-ami"}, "'ami'", "my-ami", "AMI ID"),
         ({"region": "mars-1"}, "'region'", "mars-1", "AWS region"),
+        ({"auditLogRetentionDays": 100}, "'auditLogRetentionDays'", "100", "CloudWatch Logs' periods"),
+        ({"auditLogRetentionDays": True}, "'auditLogRetentionDays'", "true", "CloudWatch Logs' periods"),
         ({"account": "12345"}, "'account'", "12345", "12-digit"),
         ({"snapshotIntervalMinutes": 1}, "'snapshotIntervalMinutes'", "1", "between 5 and 1440"),
         ({"alarmEmails": ["nobody"]}, "'alarmEmails'", "nobody", "e-mail"),
@@ -169,3 +171,9 @@ def test_a_cluster_name_too_long_for_the_regions_bucket_names_is_refused_naming_
         with pytest.raises(ConfigError) as err:
             ClusterConfig.from_mapping(context)
         assert "'clusterName'" in str(err.value) and "use at most" in str(err.value) and region in str(err.value)
+
+
+def test_audit_log_retention_defaults_to_a_year_and_accepts_cloudwatch_periods() -> None:
+    assert config_with().audit_log_retention_days == 365
+    assert config_with(auditLogRetentionDays=731).audit_log_retention_days == 731
+    assert config_with(auditLogRetentionDays="90").audit_log_retention_days == 90  # `-c key=value` gives a string
