@@ -16,6 +16,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from lambdas.common.etcd_client import EtcdClient, TlsMaterial
+from lambdas.common.kube_client import KubeClient
 
 CLIENT_PORT = 2379
 GONE_STATES = frozenset({"shutting-down", "terminated"})
@@ -37,6 +38,14 @@ class LambdaSettings:
     removal_deadline_seconds: int
     desired_members: int
     metrics_namespace: str
+    # Node drain on terminate hooks (lambdas.common.drain). DRAIN_NODES is required ("true" or "false"):
+    # the stack sets "true"; "false" only where no Kubernetes API exists (the local twin).
+    drain_nodes: bool = False
+    worker_groups: tuple[str, ...] = ()
+    kube_api_url: str = ""
+    kube_client_secret_name: str = ""
+    drain_deadline_seconds: int = 600
+    drain_settle_seconds: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LambdaSettings:
@@ -55,6 +64,21 @@ class LambdaSettings:
             return int(raw)
 
         groups = tuple(g.strip() for g in need("CONTROL_PLANE_GROUP_NAMES").split(",") if g.strip())
+        worker_groups = tuple(g.strip() for g in env.get("WORKER_GROUP_NAMES", "").split(",") if g.strip())
+        drain_flag = need("DRAIN_NODES").lower()
+        if drain_flag not in ("true", "false"):
+            raise SettingsError(f"environment variable DRAIN_NODES={drain_flag!r} must be 'true' or 'false'")
+        drain = drain_flag == "true"
+        removal_deadline = number("REMOVAL_DEADLINE_SECONDS", 3600)
+        drain_deadline = number("DRAIN_DEADLINE_SECONDS", 600)
+        if drain and drain_deadline >= removal_deadline:
+            raise SettingsError(
+                f"DRAIN_DEADLINE_SECONDS={drain_deadline} must be shorter than REMOVAL_DEADLINE_SECONDS="
+                f"{removal_deadline} (a drain that cannot finish must not use up the etcd removal's time)"
+            )
+        settle = env.get("DRAIN_SETTLE_SECONDS", "10").strip()
+        if not settle.isdigit():
+            raise SettingsError(f"environment variable DRAIN_SETTLE_SECONDS={settle!r} must be a whole number")
         return cls(
             cluster_name=need("CLUSTER_NAME"),
             cluster_tag_key=env.get("CLUSTER_TAG_KEY", "dedicated-k8s:cluster"),
@@ -63,9 +87,15 @@ class LambdaSettings:
             etcd_client_secret_name=need("ETCD_CLIENT_SECRET_NAME"),
             retry_queue_url=env.get("RETRY_QUEUE_URL", ""),
             retry_delay_seconds=min(number("RETRY_DELAY_SECONDS", 30), 900),  # SQS DelaySeconds <= 900
-            removal_deadline_seconds=number("REMOVAL_DEADLINE_SECONDS", 3600),
+            removal_deadline_seconds=removal_deadline,
             desired_members=number("DESIRED_MEMBERS", 3),
             metrics_namespace=env.get("METRICS_NAMESPACE", "DedicatedK8s"),
+            drain_nodes=drain,
+            worker_groups=worker_groups,
+            kube_api_url=need("KUBE_API_URL") if drain else "",
+            kube_client_secret_name=need("KUBE_CLIENT_SECRET_NAME") if drain else "",
+            drain_deadline_seconds=drain_deadline,
+            drain_settle_seconds=int(settle),
         )
 
 
@@ -173,8 +203,23 @@ class ClusterAws:
     def etcd_tls(self) -> TlsMaterial | None:
         """The client certificate the initialiser stored; None while the cluster was never initialised (the
         secret is missing or still holds the stack's placeholder). Access errors raise."""
+        return self._tls_secret(self.settings.etcd_client_secret_name)
+
+    def etcd_client(self, tls: TlsMaterial, timeout: float = 2.0) -> EtcdClient:
+        return EtcdClient(tls, timeout=timeout)
+
+    # -- Kubernetes API credentials (the drain) -----------------------------------------------------------------
+    def kube_tls(self) -> TlsMaterial | None:
+        """The drainer's client certificate (``{"ca", "cert", "key"}``, written by the node agent at init); None
+        while the secret is missing or still the stack's placeholder. Access errors raise."""
+        return self._tls_secret(self.settings.kube_client_secret_name)
+
+    def kube_client(self, tls: TlsMaterial, timeout: float = 5.0) -> KubeClient:
+        return KubeClient(self.settings.kube_api_url, tls, timeout=timeout)
+
+    def _tls_secret(self, name: str) -> TlsMaterial | None:
         try:
-            raw = self.secretsmanager.get_secret_value(SecretId=self.settings.etcd_client_secret_name)["SecretString"]
+            raw = self.secretsmanager.get_secret_value(SecretId=name)["SecretString"]
         except ClientError as err:
             if _error_code(err) == "ResourceNotFoundException":
                 return None
@@ -186,9 +231,6 @@ class ClusterAws:
         if not isinstance(value, dict) or not all(value.get(k) for k in ("ca", "cert", "key")):
             return None
         return TlsMaterial.from_secret(value)
-
-    def etcd_client(self, tls: TlsMaterial, timeout: float = 2.0) -> EtcdClient:
-        return EtcdClient(tls, timeout=timeout)
 
     # -- lifecycle hook --------------------------------------------------------------------------------------------
     def complete(self, group: str, hook: str, instance_id: str, token: str | None, result: str) -> bool:

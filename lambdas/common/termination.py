@@ -10,17 +10,35 @@ function decides for all of them, so the rules are the same whichever way a requ
 * still not safe past deadline  -> ABANDON; the control-plane groups retain on abandon, so the instance
                                    and its member stay up and the RemovalAbandoned alarm calls a human
 * bad input                     -> rejected, logged, nothing changed (the message goes to the DLQ)
+
+Before any of that, a terminating instance's node is drained (:mod:`lambdas.common.drain`: cordon, evict
+through the Eviction API so PodDisruptionBudgets hold, delete the Node object): on control-plane nodes the
+drain comes before the etcd removal; worker groups (WORKER_GROUP_NAMES) get the drain only, never etcd, and
+then CONTINUE. While the drain waits (a PDB blocks an eviction, pods still terminating, the API unreachable,
+the client secret not yet written) the hook is heartbeaten and the request re-enqueued, as for an unsafe
+removal. Past the drain deadline (DRAIN_DEADLINE_SECONDS, shorter than the removal deadline) termination
+proceeds without a finished drain, logged and counted (DrainDeadlinePassed): a dead API server must not
+block scale-in or the etcd removal forever.
+
+Why the drain lives here and not in aws-node-termination-handler (NTH, queue mode): NTH completes the
+lifecycle action itself right after its drain, so on a control-plane node it cannot be ordered before the
+etcd removal, and it never deletes the Node object; this Lambda already has the retry, heartbeat and
+deadline machinery. NTH still handles the EC2 events that are not Auto Scaling hooks (spot interruption,
+rebalance recommendation, scheduled maintenance).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lambdas.common.cluster_aws import GONE_STATES, LambdaSettings
+from lambdas.common.drain import DrainResult, drain_node
 from lambdas.common.etcd_client import EtcdClient, EtcdUnavailableError, TlsMaterial
+from lambdas.common.kube_client import KubeClient, KubeRequestError, KubeUnavailableError
 from lambdas.common.membership import RemovalOutcome, RemovalResult, remove_member_safely
 
 TERMINATE_DETAIL_TYPE = "EC2 Instance-terminate Lifecycle Action"
@@ -105,6 +123,8 @@ class ClusterPorts(Protocol):
 
     def etcd_tls(self) -> TlsMaterial | None: ...
     def etcd_client(self, tls: TlsMaterial, timeout: float = 2.0) -> EtcdClient: ...
+    def kube_tls(self) -> TlsMaterial | None: ...
+    def kube_client(self, tls: TlsMaterial, timeout: float = 5.0) -> KubeClient: ...
     def etcd_endpoints(self, exclude: Any = ()) -> list[str]: ...
     def private_ip(self, instance_id: str) -> str | None: ...
     def instance_states(self, instance_ids: Any) -> dict[str, str | None]: ...
@@ -114,25 +134,46 @@ class ClusterPorts(Protocol):
 
 
 @dataclass(frozen=True)
+class DrainStep:
+    """What the drain allows: ``proceed`` (drained, nothing to drain, disabled, or past the drain deadline)."""
+
+    proceed: bool
+    reason: str
+    result: DrainResult | None = None
+    deadline_passed: bool = False
+
+
+@dataclass(frozen=True)
 class TerminationResult:
-    """``action``: continue | abandon | retry | deferred | ignored | rejected | hook-gone."""
+    """``action``: continue | abandon | retry | deferred | ignored | rejected | hook-gone.
+    ``role``: "control-plane" or "worker" (the request's group)."""
 
     action: str
     reason: str
     removal: RemovalResult | None = None
     completed: bool | None = None
+    drain: DrainStep | None = None
+    role: str = "control-plane"
 
     def log_fields(self) -> dict[str, Any]:
         member = self.removal.member if self.removal else None
         view = self.removal.view if self.removal else None
+        drained = self.drain.result if self.drain else None
         return {
             "action": self.action,
             "reason": self.reason,
+            "role": self.role,
             "removal": self.removal.outcome.value if self.removal else None,
             "member": member.label if member else None,
             "healthy_voters": len(view.healthy_voters) if view else None,
             "voters": len(view.voters) if view else None,
             "hook_completed": self.completed,
+            "drain": drained.status.value if drained else None,
+            "drain_reason": self.drain.reason if self.drain else None,
+            "node": drained.node if drained else None,
+            "evicted": list(drained.evicted) if drained else None,
+            "pdb_blocked": list(drained.blocked) if drained else None,
+            "drain_deadline_passed": self.drain.deadline_passed if self.drain else None,
         }
 
 
@@ -141,9 +182,11 @@ def handle_termination(  # noqa: PLR0911 (one return per outcome reads best here
 ) -> TerminationResult:
     now = time.time() if now is None else now
     settings = ports.settings
+    if request.group is not None and request.group in settings.worker_groups:
+        return _terminate_worker(request, ports, now)
     if request.group is not None and request.group not in settings.control_plane_groups:
         return TerminationResult(
-            "rejected", f"group {request.group!r} is not one of this cluster's control-plane groups"
+            "rejected", f"group {request.group!r} is not one of this cluster's control-plane or worker groups"
         )
     if request.kind == "stale-member":
         state = ports.instance_states([request.instance_id]).get(request.instance_id)
@@ -152,6 +195,16 @@ def handle_termination(  # noqa: PLR0911 (one return per outcome reads best here
     tls = ports.etcd_tls()
     if tls is None:
         return _finish(request, ports, "CONTINUE", "the cluster was never initialised: no etcd member to remove")
+    if request.kind != "terminating":  # the instance is gone already: nothing runs there to drain
+        return _remove_member(request, ports, now, tls)
+    step = _drain_step(request, ports, now)
+    if not step.proceed:
+        return _not_now(request, ports, now, f"drain: {step.reason}", drain=step)
+    return dataclasses.replace(_remove_member(request, ports, now, tls), drain=step)
+
+
+def _remove_member(request: TerminationRequest, ports: ClusterPorts, now: float, tls: TlsMaterial) -> TerminationResult:
+    settings = ports.settings
     endpoints = ports.etcd_endpoints(exclude=[request.instance_id])
     if not endpoints:
         return _not_now(request, ports, now, "no other running control-plane instance to reach etcd through")
@@ -172,27 +225,82 @@ def handle_termination(  # noqa: PLR0911 (one return per outcome reads best here
     return _finish(request, ports, "CONTINUE", f"{removal.outcome.value}: {removal.reason}{note}", removal)
 
 
+def _terminate_worker(request: TerminationRequest, ports: ClusterPorts, now: float) -> TerminationResult:
+    """A worker holds no etcd member: drain, delete its Node, CONTINUE. etcd is never touched."""
+    if request.kind != "terminating":
+        return TerminationResult("ignored", "a worker group has no etcd member to clean up", role="worker")
+    step = _drain_step(request, ports, now)
+    if not step.proceed:
+        return _not_now(request, ports, now, f"drain: {step.reason}", drain=step, role="worker")
+    return _finish(request, ports, "CONTINUE", step.reason, drain=step, role="worker")
+
+
+def _drain_step(request: TerminationRequest, ports: ClusterPorts, now: float) -> DrainStep:
+    """One drain step; whatever stops it (a PDB, terminating pods, the API unreachable or refusing, the client
+    secret not written yet) waits until the drain deadline, after which termination proceeds anyway."""
+    settings = ports.settings
+    if not settings.drain_nodes:
+        return DrainStep(True, "node drain is disabled (DRAIN_NODES=false)")
+    result: DrainResult | None = None
+    try:
+        tls = ports.kube_tls()
+        if tls is None:
+            problem = "the Kubernetes client secret holds no certificate yet (written by the node agent at init)"
+        else:
+            client = ports.kube_client(tls)
+            result = drain_node(client, request.instance_id, settle_seconds=settings.drain_settle_seconds)
+            if result.done:
+                return DrainStep(True, result.reason, result)
+            problem = result.reason
+    except KubeUnavailableError as err:
+        problem = f"Kubernetes API unreachable: {err}"
+    except KubeRequestError as err:  # unauthorized (RBAC not applied yet), or another refusal: retry too
+        problem = f"Kubernetes API refused: {err}"
+    waited = now - request.first_seen
+    if waited >= settings.drain_deadline_seconds:
+        reason = f"drain unfinished after {int(waited)}s (drain deadline), proceeding without it: {problem}"
+        return DrainStep(True, reason, result, deadline_passed=True)
+    return DrainStep(False, problem, result)
+
+
 def _finish(
-    request: TerminationRequest, ports: ClusterPorts, result: str, reason: str, removal: RemovalResult | None = None
+    request: TerminationRequest,
+    ports: ClusterPorts,
+    result: str,
+    reason: str,
+    removal: RemovalResult | None = None,
+    *,
+    drain: DrainStep | None = None,
+    role: str = "control-plane",
 ) -> TerminationResult:
     if request.kind != "terminating" or request.group is None or request.hook is None:
-        return TerminationResult("continue", reason, removal)
+        return TerminationResult("continue", reason, removal, drain=drain, role=role)
     completed = ports.complete(request.group, request.hook, request.instance_id, request.token, result)
-    return TerminationResult(result.lower(), reason, removal, completed)
+    return TerminationResult(result.lower(), reason, removal, completed, drain=drain, role=role)
 
 
 def _not_now(
-    request: TerminationRequest, ports: ClusterPorts, now: float, reason: str, removal: RemovalResult | None = None
+    request: TerminationRequest,
+    ports: ClusterPorts,
+    now: float,
+    reason: str,
+    removal: RemovalResult | None = None,
+    *,
+    drain: DrainStep | None = None,
+    role: str = "control-plane",
 ) -> TerminationResult:
     settings = ports.settings
     if request.origin == "reconciler" or request.kind != "terminating":
         # Level-triggered: the reconciler asks again on its next run; no chain of retries of its own.
-        return TerminationResult("deferred", reason, removal)
+        return TerminationResult("deferred", reason, removal, drain=drain, role=role)
     assert request.group is not None and request.hook is not None
     if now - request.first_seen >= settings.removal_deadline_seconds:
         waited = int(now - request.first_seen)
-        return _finish(request, ports, "ABANDON", f"still unsafe after {waited}s (deadline): {reason}", removal)
+        return _finish(request, ports, "ABANDON", f"still unsafe after {waited}s (deadline): {reason}", removal,
+                       drain=drain, role=role)  # fmt: skip
     if not ports.heartbeat(request.group, request.hook, request.instance_id, request.token):
-        return TerminationResult("hook-gone", f"the hook is no longer waiting; stopping retries ({reason})", removal)
+        return TerminationResult(
+            "hook-gone", f"the hook is no longer waiting; stopping retries ({reason})", removal, drain=drain, role=role
+        )
     ports.enqueue(request.retry_message(now), settings.retry_delay_seconds)
-    return TerminationResult("retry", reason, removal)
+    return TerminationResult("retry", reason, removal, drain=drain, role=role)

@@ -14,7 +14,12 @@ from typing import Any
 
 from lambdas.common.cluster_aws import ClusterAws, default_cluster_aws
 from lambdas.common.observability import Logger, Metrics
-from lambdas.common.termination import MalformedRequestError, TerminationRequest, handle_termination
+from lambdas.common.termination import (
+    MalformedRequestError,
+    TerminationRequest,
+    TerminationResult,
+    handle_termination,
+)
 
 LOGGER = Logger("etcd-lifecycle")
 
@@ -34,6 +39,15 @@ def _bodies(event: Any) -> list[tuple[str | None, Any]]:
                 out.append((record.get("messageId") if isinstance(record, dict) else None, None))
         return out
     return [(None, event)]  # invoked directly with an EventBridge event
+
+
+def _metric(result: TerminationResult) -> str:
+    if result.role == "worker":
+        return {"continue": "WorkerDrainCompleted", "retry": "DrainRetried", "rejected": "RejectedRequests"}.get(
+            result.action, "DrainDeferred"
+        )
+    return {"continue": "MemberRemovalCompleted", "abandon": "RemovalAbandoned", "retry": "RemovalRetried",
+            "rejected": "RejectedRequests"}.get(result.action, "RemovalDeferred")  # fmt: skip
 
 
 def handle(event: Any, context: Any) -> dict[str, Any]:
@@ -68,8 +82,9 @@ def handle(event: Any, context: Any) -> dict[str, Any]:
         )
         LOGGER.log(level, f"termination {result.action}", **fields, **result.log_fields(),
                    millis=round((time.monotonic() - started) * 1000, 1))  # fmt: skip
-        metrics.add({"continue": "MemberRemovalCompleted", "abandon": "RemovalAbandoned", "retry": "RemovalRetried",
-                     "rejected": "RejectedRequests"}.get(result.action, "RemovalDeferred"), 1)  # fmt: skip
+        metrics.add(_metric(result), 1)
+        if result.drain is not None and result.drain.deadline_passed:
+            metrics.add("DrainDeadlinePassed", 1)
         if result.action == "rejected" and message_id:
             failures.append({"itemIdentifier": message_id})
     metrics.flush({"ClusterName": aws.settings.cluster_name})

@@ -200,6 +200,7 @@ def settings(queue_url: str, **overrides: str) -> LambdaSettings:
         "RETRY_DELAY_SECONDS": "1",
         "REMOVAL_DEADLINE_SECONDS": "600",
         "DESIRED_MEMBERS": "3",
+        "DRAIN_NODES": "false",  # the drain tests (test_drain.py) switch it on with a Kubernetes API simulation
         **overrides,
     }
     return LambdaSettings.from_env(env)
