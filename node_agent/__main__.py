@@ -1,9 +1,11 @@
-"""``python -m node_agent {run,snapshot,rotate-token,restore} [--config /etc/dedicated-k8s/agent.json]``.
+"""``python -m node_agent {run,snapshot,rotate-token,upgrade-addons,restore} [--config /etc/dedicated-k8s/agent.json]``.
 
 * ``run``: the launch (systemd unit started by user data): initialise, join or restore, then complete
   the launch hook (CONTINUE, or ABANDON with the reason). Exit 0 on CONTINUE, 1 on ABANDON.
 * ``snapshot``: the snapshot timer (every snapshotIntervalMinutes); only the etcd leader's node acts.
 * ``rotate-token``: the 12-hour timer; a fresh 24 h worker join token, only on the leader's node.
+* ``upgrade-addons``: timer; records this control-plane node's version and upgrades the add-ons once every
+  control-plane node runs it (:mod:`node_agent.upgrade`; one node does it).
 * ``restore``: operator command; disaster recovery now, only if invariant 7 holds. Exit 1 if refused.
 
 A configuration that cannot be read is reported key by key; ``run`` then still tries to ABANDON its
@@ -31,6 +33,7 @@ from node_agent.lifecycle import AutoScalingLaunchHook, LaunchHook
 from node_agent.log import Metrics, configure_logging, get_logger, log
 from node_agent.runner import SubprocessRunner
 from node_agent.secrets import SecretStore
+from node_agent.telemetry import EMF_ENDPOINT, log_group, start_cloudwatch_agent
 
 LOG = get_logger("main")
 AgentFactory = Callable[[AgentConfig, AgentSettings], Agent]
@@ -56,7 +59,7 @@ def production_agent(cfg: AgentConfig, settings: AgentSettings) -> Agent:
         etcd_for=MembershipEtcd,
         ec2=session.client("ec2"),
         s3=session.client("s3"),
-        metrics=Metrics(cfg.cluster_name),
+        metrics=Metrics(cfg.cluster_name, emf_endpoint=EMF_ENDPOINT, log_group=log_group(cfg.cluster_name, "metrics")),
     )
 
 
@@ -90,7 +93,7 @@ def main(
     fallback_hook: FallbackHookFactory = _production_fallback_hook,
 ) -> int:
     parser = argparse.ArgumentParser(prog="python -m node_agent", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("run", "snapshot", "rotate-token", "restore"))
+    parser.add_argument("command", choices=("run", "snapshot", "rotate-token", "upgrade-addons", "restore"))
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     args = parser.parse_args(argv)
     try:
@@ -102,12 +105,17 @@ def main(
         return 2
     agent = factory(cfg, settings or AgentSettings())
     if args.command == "run":
+        start_cloudwatch_agent(
+            cfg, agent.runner, agent.settings.state_dir / "cloudwatch-agent.json"
+        )  # before the launch: the audit log and metrics from the start
         return 0 if agent.run_launch().ok else 1
     try:
         if args.command == "snapshot":
             message = agent.snapshot_once()
         elif args.command == "rotate-token":
             message = agent.rotate_token_once()
+        elif args.command == "upgrade-addons":
+            message = agent.upgrade_addons_once()
         else:
             message = agent.restore_if_needed()
     except Exception as err:

@@ -64,6 +64,7 @@ from node_agent.secrets import (
 )
 from node_agent.snapshots import Etcdctl, Snapshots
 from node_agent.tokens import rotate_join_token
+from node_agent.upgrade import ClusterUpgrade
 
 LOG = get_logger("bootstrap")
 ETCD_CLIENT_CN = "dedicated-k8s-etcd-lifecycle"
@@ -114,6 +115,10 @@ class Agent:
     @property
     def kubeadm(self) -> Kubeadm:
         return Kubeadm(self.runner, self.settings)
+
+    @property
+    def upgrade(self) -> ClusterUpgrade:
+        return ClusterUpgrade(self.config, self.settings, self.identity, self.runner, self.store)
 
     @property
     def lambda_client_tls(self) -> EtcdTls:
@@ -304,6 +309,7 @@ class Agent:
                                    kubernetes_version=self.config.kubernetes_version):  # fmt: skip
             raise LeaseLostError("could not record initialised: the lock or the state changed under me")
         self._metric("ClusterInitialised")
+        self._record_installed_version()
         return "initialised"
 
     def _create_lambda_client_secret(self) -> None:
@@ -362,6 +368,7 @@ class Agent:
         self._wait("no other etcd membership change in flight",
                    lambda: not etcd.membership_change_in_progress(endpoints))  # fmt: skip
         self._remove_stale(etcd, endpoints)
+        self.upgrade.before_join(state)  # a newer node first sets kubeadm-config's kubernetesVersion (upgrade.py)
         path = self._write("kubeadm-join.yaml", join_configuration_yaml(
             self.config, self.identity, join.token, join.ca_cert_hash, control_plane=True))  # fmt: skip
         try:
@@ -372,7 +379,34 @@ class Agent:
             raise
         self._record_membership(state.generation, etcd, [*endpoints, self.client_url])
         self._record_cluster_version(state)
+        self._upgrade_addons_after_join(etcd, [*endpoints, self.client_url])
         return "joined"
+
+    def _record_installed_version(self) -> None:
+        """After init/restore: the add-ons kubeadm installed run my version (upgrade.py); best effort."""
+        try:
+            self.upgrade.after_init()
+        except Exception as err:
+            log(LOG, 30, "could not record the installed add-on version", error=str(err))
+
+    def _upgrade_addons_after_join(self, etcd: EtcdAccess, endpoints: Sequence[str]) -> None:
+        """Record my version; the last node of a new version upgrades the add-ons. Best effort: the node has
+        joined, and the ``upgrade-addons`` timer retries."""
+        try:
+            outcome = self.upgrade.after_join(etcd, endpoints)
+        except Exception as err:
+            log(LOG, 30, "add-on upgrade step failed; the upgrade-addons timer retries", error=str(err))
+            return
+        log(LOG, 20, "add-on upgrade step", outcome=outcome)
+
+    def upgrade_addons_once(self) -> str:
+        """The ``upgrade-addons`` timer: upgrade the add-ons if every control-plane node runs my version."""
+        state = self.store.read()
+        if state.phase != Phase.INITIALISED:
+            return f"skipped: cluster is {state.phase.value}"
+        self._load_lambda_client_tls()
+        etcd = self.etcd_for(self.lambda_client_tls)
+        return self.upgrade.after_join(etcd, [*self._endpoints(state), self.client_url])
 
     # -- version skew ----------------------------------------------------------------------------------
     def _check_version_skew(self, state: ClusterState) -> None:
@@ -522,6 +556,7 @@ class Agent:
             raise LeaseLostError("could not record the restore: the lock or the state changed under me")
         log(LOG, 30, "restored", snapshot=obj.key, revision=status.revision, total_key=status.total_key)
         self._metric("DisasterRecoveryRestored")
+        self._record_installed_version()
         return "restored"
 
     # -- timers and operator commands ------------------------------------------------------------------

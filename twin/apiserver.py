@@ -13,7 +13,7 @@ from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-_KEYS = ("nodes", "tokens", "etcd_endpoints")
+_KEYS = ("nodes", "tokens", "etcd_endpoints", "objects")
 
 
 class _FileLock:
@@ -50,7 +50,9 @@ class FileApiServer:
 
     def _load(self) -> dict[str, Any]:
         with self.lock:
-            return dict(json.loads(self.path.read_text()))
+            doc = dict(json.loads(self.path.read_text()))
+            doc.setdefault("objects", {})  # simulated API objects (kubeadm-config, upgrade events)
+            return doc
 
     def _save(self, doc: dict[str, Any]) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -71,6 +73,10 @@ class FileApiServer:
     @property
     def etcd_endpoints(self) -> _FileDict:
         return _FileDict(self, "etcd_endpoints")
+
+    @property
+    def objects(self) -> _FileDict:
+        return _FileDict(self, "objects")
 
     @property
     def tokens(self) -> _FileSet:

@@ -10,6 +10,14 @@ Etcd timing flags from the generated ClusterConfiguration are replaced by fast l
 (``heartbeat-interval=50``, ``election-timeout=500``) so tests do not wait 2.5 s per election.
 Production's ``etcdutl`` (etcd 3.5+) is mapped to Debian's ``etcdctl`` 3.4, which has the same
 ``snapshot status/restore`` subcommands.
+
+Upgrades (:mod:`node_agent.upgrade`), simulated API server objects kept in ``api.objects``:
+``kube-system/kubeadm-config`` (init uploads its ClusterConfiguration; ``kubectl get``/``replace`` with
+resourceVersion conflicts), the version a control-plane join renders its static pods with (read from that
+ConfigMap, as ``kubeadm join`` does), the ConfigMap writes and the add-on upgrades (``kubeadm upgrade node
+phase addon all``, which renders CoreDNS/kube-proxy from the ConfigMap's version) as event lists the tests read.
+``kubeadm kubeconfig user`` needs the cluster CA on disk and returns a kubeconfig naming the client and its
+organisation (no certificate: the simulated API server authorises by that organisation).
 """
 
 from __future__ import annotations
@@ -97,7 +105,33 @@ class SimulatedApiServer:
     nodes: dict[str, str] = field(default_factory=dict)  # node name -> "control-plane" | "worker"
     tokens: set[str] = field(default_factory=set)
     etcd_endpoints: dict[str, str] = field(default_factory=dict)  # node name -> etcd client URL
+    objects: dict[str, str] = field(default_factory=dict)  # simulated API objects and event lists, JSON text
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+KUBEADM_CONFIG = "kube-system/configmap/kubeadm-config"
+CONFIG_WRITES = "events/kubeadm-config-writes"
+ADDON_UPGRADES = "events/addon-upgrades"
+STATIC_PODS = "static-pods/"  # + node name -> the Kubernetes version its control-plane static pods run
+
+
+def api_events(api: Any, name: str) -> list[dict[str, Any]]:
+    """An event list of the simulated API server (``CONFIG_WRITES``, ``ADDON_UPGRADES``)."""
+    return list(json.loads(api.objects.get(name, "[]")))
+
+
+def _append_event(api: Any, name: str, event: dict[str, Any]) -> None:
+    with api.lock:
+        api.objects[name] = json.dumps([*api_events(api, name), {**event, "at": time.time()}])
+
+
+def kubeadm_config_version(api: Any) -> str:
+    """The kubernetesVersion in the simulated kube-system/kubeadm-config ("" before init)."""
+    raw = api.objects.get(KUBEADM_CONFIG)
+    if raw is None:
+        return ""
+    config = yaml.safe_load(json.loads(raw)["data"]["ClusterConfiguration"])
+    return str(config["kubernetesVersion"])
 
 
 class KubeadmEmulator:
@@ -163,6 +197,22 @@ class KubeadmEmulator:
             with self.api.lock:
                 self.api.tokens.add(argv[3])
             return ok(argv[3] + "\n")
+        if argv[:3] == ["kubeadm", "kubeconfig", "user"]:
+            return ok(self._kubeconfig_user(argv))
+        if argv[:6] == ["kubeadm", "upgrade", "node", "phase", "addon", "all"]:
+            self._authorise(argv)
+            version = kubeadm_config_version(self.api)
+            _append_event(self.api, ADDON_UPGRADES, {"node": self.node_name, "version": version})
+            return ok(f"[upgrade/addon] Applied essential addons CoreDNS and kube-proxy for {version}\n")
+        if argv[0] == "kubectl" and "configmap" in argv and "get" in argv:
+            self._authorise(argv)
+            raw = self.api.objects.get(KUBEADM_CONFIG)
+            if raw is None:
+                return CommandResult(tuple(argv), 1, "", 'configmaps "kubeadm-config" not found')
+            return ok(raw)
+        if argv[0] == "kubectl" and "replace" in argv:
+            self._authorise(argv)
+            return self._replace_configmap(argv)
         if argv[:3] == ["kubeadm", "token", "delete"]:
             with self.api.lock:
                 self.api.tokens = {t for t in self.api.tokens if not t.startswith(argv[3] + ".")}
@@ -181,6 +231,50 @@ class KubeadmEmulator:
                                   timeout=timeout, check=False)  # fmt: skip
             return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
         raise RuntimeError(f"the emulator does not know {argv[:3]}")
+
+    # -- upgrades (simulated API server objects) -----------------------------------------------------------
+    def _kubeconfig_user(self, argv: list[str]) -> str:
+        missing = [f for f in ("ca.crt", "ca.key") if not (self.pki / f).exists()]
+        if missing:
+            raise RuntimeError(f"couldn't load the CA certificate authority from {self.pki}: missing {missing}")
+        client, org = argv[argv.index("--client-name") + 1], argv[argv.index("--org") + 1]
+        return yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "users": [
+            {"name": client, "user": {"client-certificate-data": "simulated", "organization": org}}]})  # fmt: skip
+
+    def _authorise(self, argv: list[str]) -> None:
+        """admin.conf of a control-plane node that joined or initialised, or a cluster-admins kubeconfig."""
+        path = Path(argv[argv.index("--kubeconfig") + 1])
+        if path.name == "admin.conf" and self.api.nodes.get(self.node_name) == "control-plane":
+            return
+        if path.exists() and "kubeadm:cluster-admins" in path.read_text():
+            return
+        raise RuntimeError(f"Unauthorized: {path} is neither admin.conf nor a kubeadm:cluster-admins kubeconfig")
+
+    def _replace_configmap(self, argv: list[str]) -> CommandResult:
+        new = json.loads(Path(argv[argv.index("--filename") + 1]).read_text())
+        with self.api.lock:
+            old = json.loads(self.api.objects[KUBEADM_CONFIG])
+            if new["metadata"].get("resourceVersion") != old["metadata"]["resourceVersion"]:
+                return CommandResult(tuple(argv), 1, "", "Operation cannot be fulfilled on configmaps "
+                                     '"kubeadm-config": the object has been modified')  # fmt: skip
+            new["metadata"]["resourceVersion"] = str(int(old["metadata"]["resourceVersion"]) + 1)
+            self.api.objects[KUBEADM_CONFIG] = json.dumps(new)
+        before = yaml.safe_load(old["data"]["ClusterConfiguration"])["kubernetesVersion"]
+        after = yaml.safe_load(new["data"]["ClusterConfiguration"])["kubernetesVersion"]
+        _append_event(self.api, CONFIG_WRITES, {"node": self.node_name, "from": before, "to": after})
+        return CommandResult(tuple(argv), 0, "configmap/kubeadm-config replaced\n", "")
+
+    def _upload_config(self, cluster: dict[str, Any]) -> None:
+        """kubeadm init's upload-config phase: the ClusterConfiguration into kube-system/kubeadm-config."""
+        with self.api.lock:
+            previous = self.api.objects.get(KUBEADM_CONFIG)
+            version = int(json.loads(previous)["metadata"]["resourceVersion"]) + 1 if previous else 1
+            self.api.objects[KUBEADM_CONFIG] = json.dumps({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "kubeadm-config", "namespace": "kube-system", "resourceVersion": str(version)},
+                "data": {"ClusterConfiguration": yaml.safe_dump(cluster, sort_keys=False)},
+            })  # fmt: skip
+            self.api.objects[STATIC_PODS + self.node_name] = str(cluster["kubernetesVersion"])
 
     # -- kubeadm init / join / reset ---------------------------------------------------------------------------
     @staticmethod
@@ -225,6 +319,7 @@ class KubeadmEmulator:
         extra = {a["name"]: a["value"] for a in cluster["etcd"]["local"].get("extraArgs", [])}
         self.start_etcd(initial_cluster=f"{self.node_name}={self.peer_url}", state="new", extra=extra)
         self._wait_healthy()
+        self._upload_config(cluster)
         with self.api.lock:
             self.api.tokens.update(t["token"] for t in init.get("bootstrapTokens", []))
             self.api.nodes[self.node_name] = "control-plane"
@@ -256,6 +351,8 @@ class KubeadmEmulator:
         self.start_etcd(initial_cluster=initial_cluster, state="existing", extra={})
         self._promote(endpoints, member_id)
         with self.api.lock:
+            if KUBEADM_CONFIG in self.api.objects:  # the static pods of the version in the cluster's kubeadm-config
+                self.api.objects[STATIC_PODS + self.node_name] = kubeadm_config_version(self.api)
             self.api.nodes[self.node_name] = "control-plane"
             self.api.etcd_endpoints[self.node_name] = self.client_url
 
