@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ class FakeKubeApi:
         self.service_accounts: dict[tuple[str, str], dict[str, Any]] = {}
         self.deleted_pods: list[str] = []
         self.created_pods: list[str] = []
+        self.client_subjects: list[dict[str, str]] = []  # verified client certificates (TLS)
         self._reads: dict[tuple[str, str], int] = {}
         self._lingering: dict[tuple[str, str], int] = {}
         self._ip = 10
@@ -235,7 +237,11 @@ def _selected(obj: dict[str, Any], selector: str | None) -> bool:
 def _handler(api: FakeKubeApi) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def _serve(self) -> None:
-            if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            peer = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
+            if peer:  # verified against the cluster CA by the TLS layer (CERT_REQUIRED)
+                subject: Any = peer["subject"]  # ((("commonName", "..."),), ...)
+                api.client_subjects.append({str(k): str(v) for rdn in subject for k, v in rdn})
+            elif self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 self._reply(401, _status(401, "Unauthorized", "Unauthorized"))
                 return
             length = int(self.headers.get("Content-Length") or 0)
@@ -260,10 +266,24 @@ def _handler(api: FakeKubeApi) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve(scenario: Scenario, tmp: Path) -> Iterator[tuple[FakeKubeApi, Path]]:
-    """Start the fake API on 127.0.0.1 (a free port) and write a kubeconfig for it; yield both."""
+def serve(
+    scenario: Scenario, tmp: Path, *, tls: tuple[Path, Path, Path] | None = None
+) -> Iterator[tuple[FakeKubeApi, Path]]:
+    """Start the fake API on 127.0.0.1 (a free port) and write a bearer-token kubeconfig for it; yield both.
+
+    With ``tls`` (server certificate, its key, the client CA) it serves HTTPS and requires a client certificate
+    signed by that CA, as the API server does.
+    """
     api = FakeKubeApi(scenario)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(api))
+    scheme = "http"
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls[0], tls[1])
+        context.load_verify_locations(tls[2])
+        context.verify_mode = ssl.CERT_REQUIRED
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
@@ -273,7 +293,7 @@ def serve(scenario: Scenario, tmp: Path) -> Iterator[tuple[FakeKubeApi, Path]]:
             {
                 "apiVersion": "v1",
                 "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": f"http://{host!s}:{port}"}}],
+                "clusters": [{"name": "fake", "cluster": {"server": f"{scheme}://{host!s}:{port}"}}],
                 "users": [{"name": "smoke", "user": {"token": TOKEN}}],
                 "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "smoke"}}],
                 "current-context": "fake",
