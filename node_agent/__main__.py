@@ -1,4 +1,4 @@
-"""``python -m node_agent {run,snapshot,rotate-token,upgrade-addons,restore} [--config /etc/dedicated-k8s/agent.json]``.
+"""``python -m node_agent {run,snapshot,rotate-token,upgrade-addons,certificates,restore} [--config PATH]``.
 
 * ``run``: the launch (systemd unit started by user data): initialise, join or restore, then complete
   the launch hook (CONTINUE, or ABANDON with the reason). Exit 0 on CONTINUE, 1 on ABANDON.
@@ -6,6 +6,8 @@
 * ``rotate-token``: the 12-hour timer; a fresh 24 h worker join token, only on the leader's node.
 * ``upgrade-addons``: timer; records this control-plane node's version and upgrades the add-ons once every
   control-plane node runs it (:mod:`node_agent.upgrade`; one node does it).
+* ``certificates``: the daily timer on control-plane nodes (:mod:`node_agent.certs`): expiry metrics, renewal
+  90 days ahead, the Lambda's etcd client certificate renewed on the leader's node.
 * ``restore``: operator command; disaster recovery now, only if invariant 7 holds. Exit 1 if refused.
 
 A configuration that cannot be read is reported key by key; ``run`` then still tries to ABANDON its
@@ -36,6 +38,7 @@ from node_agent.secrets import SecretStore
 from node_agent.telemetry import EMF_ENDPOINT, log_group, start_cloudwatch_agent
 
 LOG = get_logger("main")
+COMMANDS = ("run", "snapshot", "rotate-token", "upgrade-addons", "certificates", "restore")
 AgentFactory = Callable[[AgentConfig, AgentSettings], Agent]
 FallbackHookFactory = Callable[[str, str], LaunchHook]  # (hook name, region) -> hook
 
@@ -93,7 +96,7 @@ def main(
     fallback_hook: FallbackHookFactory = _production_fallback_hook,
 ) -> int:
     parser = argparse.ArgumentParser(prog="python -m node_agent", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("run", "snapshot", "rotate-token", "upgrade-addons", "restore"))
+    parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     args = parser.parse_args(argv)
     try:
@@ -116,6 +119,8 @@ def main(
             message = agent.rotate_token_once()
         elif args.command == "upgrade-addons":
             message = agent.upgrade_addons_once()
+        elif args.command == "certificates":
+            message = agent.certificates_once()
         else:
             message = agent.restore_if_needed()
     except Exception as err:

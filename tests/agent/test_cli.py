@@ -84,4 +84,4 @@ def test_run_and_timers_through_main(aws: dict[str, Any], tmp_path: Path, nodes:
 def test_the_module_runs_as_a_program_and_lists_its_commands() -> None:
     proc = subprocess.run([sys.executable, "-m", "node_agent", "--help"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0
-    assert "{run,snapshot,rotate-token,upgrade-addons,restore}" in proc.stdout
+    assert "{run,snapshot,rotate-token,upgrade-addons,certificates,restore}" in proc.stdout
