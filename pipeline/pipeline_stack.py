@@ -99,6 +99,7 @@ class PipelineStack(cdk.Stack):
 
         # The image stack deploys first (it owns its build role: no IamStack needed), then the AMI is built
         # once; its ID flows to staging and production, so production gets the AMI staging tested.
+        self.rollout_steps: dict[str, pipelines.CodeBuildStep] = {}  # per stage, before its canary (_rollout_step)
         self.image_stage = self._image_stage()
         self.ami_step = self._ami_step([staging, production])
         self.pipeline.add_stage(self.image_stage, post=[self.ami_step])
@@ -340,7 +341,7 @@ class PipelineStack(cdk.Stack):
             ),
         ]
         per_replacement = 1200
-        return pipelines.CodeBuildStep(
+        canary = pipelines.CodeBuildStep(
             step_id,
             input=self.source,
             install_commands=[
@@ -364,6 +365,79 @@ class PipelineStack(cdk.Stack):
             primary_output_directory="canary",
             timeout=cdk.Duration.seconds(per_replacement * config.control_plane_count + 1800),
         )
+        # The rollout of a new AMI runs first; CDK Pipelines adds a step's dependencies to the same stage.
+        canary.add_step_dependency(self._rollout_step(step_id.replace("Canary", "Rollout"), stage))
+        return canary
+
+    # --- rollout of a new AMI -------------------------------------------------------------------
+
+    def _rollout_step(self, step_id: str, stage: ClusterStage) -> pipelines.CodeBuildStep:
+        """``python -m pipeline.rollout``: the deploy pointed the groups at the new launch template version;
+        replace the instances by instance refresh (control plane one group at a time, quorum checked through
+        the cluster-ops function, then workers in batches). SkipMatching makes it a no-op without a new AMI."""
+        config = stage.config
+        outputs = stage.cluster.outputs
+        account = config.account or self.account
+
+        def group_arn(name: str) -> str:
+            return self.format_arn(
+                service="autoscaling",
+                region=config.region,
+                account=account,
+                resource="autoScalingGroup",
+                resource_name=f"*:autoScalingGroupName/{name}",
+                arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+            )
+
+        function_arn = self.format_arn(
+            service="lambda",
+            region=config.region,
+            account=account,
+            resource="function",
+            resource_name=config.cluster_ops_function_name,
+            arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+        )
+        groups = [*config.control_plane_group_names, *(config.worker_group_name(g) for g in config.worker_groups)]
+        statements = [
+            iam.PolicyStatement(sid="ClusterOps", actions=["lambda:InvokeFunction"], resources=[function_arn]),
+            # DescribeInstanceRefreshes has no resource-level permissions: it needs "*".
+            iam.PolicyStatement(
+                sid="ReadInstanceRefreshes", actions=["autoscaling:DescribeInstanceRefreshes"], resources=["*"]
+            ),
+            iam.PolicyStatement(
+                sid="RefreshClusterGroups",
+                actions=["autoscaling:StartInstanceRefresh", "autoscaling:CancelInstanceRefresh"],
+                resources=[group_arn(name) for name in groups],
+                conditions={
+                    "StringEquals": {f"autoscaling:ResourceTag/{ClusterConfig.CLUSTER_TAG_KEY}": config.cluster_name}
+                },
+            ),
+        ]
+        per_group = 3600
+        step = pipelines.CodeBuildStep(
+            step_id,
+            input=self.source,
+            install_commands=[
+                "python -m pip install --quiet "
+                "$(grep -E '^(boto3|botocore|s3transfer|jmespath|python-dateutil|six|urllib3)==' requirements.txt)"
+            ],
+            commands=[
+                "mkdir -p rollout",
+                f"python -m pipeline.rollout --region {config.region} --group-timeout {per_group} "
+                f"--report rollout/{step_id}-report.json",
+            ],
+            env={"AMI_ID": self.ami_step.exported_variable("AMI_ID"), "CLUSTER_REGION": config.region},
+            env_from_cfn_outputs={
+                "CONTROL_PLANE_GROUP_NAMES": outputs["ControlPlaneGroupNames"],
+                "WORKER_GROUP_NAMES": outputs["WorkerGroupNames"],
+                "CLUSTER_OPS_FUNCTION_NAME": outputs["ClusterOpsFunctionName"],
+            },
+            role_policy_statements=statements,
+            primary_output_directory="rollout",
+            timeout=cdk.Duration.seconds(per_group * len(groups) + 1800),
+        )
+        self.rollout_steps[step_id] = step
+        return step
 
     # --- notifications --------------------------------------------------------------------------
 
@@ -409,6 +483,17 @@ class PipelineStack(cdk.Stack):
     def _policy_exceptions(self) -> None:
         """cdk-nag exceptions, each scoped to the findings it explains and carrying the reason."""
         prefix = self.config.resource_prefix
+        for rollout in self.rollout_steps.values():
+            suppress(
+                rollout.project,
+                "AwsSolutions-IAM5",
+                "autoscaling:DescribeInstanceRefreshes supports no resource-level permissions; starting and "
+                "cancelling a refresh is limited to this cluster's groups by name and by the cluster tag",
+                applies_to=[
+                    "Resource::*",
+                    _regex(rf"Resource::arn:<AWS::Partition>:autoscaling:{_REGION}:{_ACCOUNT}:autoScalingGroup:\*:.*"),
+                ],
+            )
         suppress(
             self.pipeline,
             "AwsSolutions-IAM5",

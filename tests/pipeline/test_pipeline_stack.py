@@ -468,3 +468,52 @@ def test_pipeline_keys_are_not_unknown_cluster_keys() -> None:
     ClusterConfig.from_mapping(context)  # accepted: the pipeline's keys belong to PipelineSettings
     with pytest.raises(ConfigError, match="'clusterNmae'"):
         ClusterConfig.from_mapping({**context, "clusterNmae": "x"})
+
+
+# --- the rollout of a new AMI (before the canary) ------------------------------------------------
+
+
+@pytest.mark.parametrize("stage_name", ["Staging", "Production"])
+def test_each_stage_rolls_the_new_ami_out_after_its_deploy_and_before_its_canary(
+    default: Synthesized, stage_name: str
+) -> None:
+    actions = default.stage(stage_name)
+    by_name = {a["Name"]: a for a in actions}
+    rollout, canary = by_name[f"{stage_name}Rollout"], by_name[f"{stage_name}Canary"]
+    assert rollout["ActionTypeId"]["Provider"] == "CodeBuild"
+    assert max(a["RunOrder"] for a in _deploys(actions)) < rollout["RunOrder"] < canary["RunOrder"]
+    (cluster_deploy,) = [a for a in actions if a["Name"].endswith("-cluster.Deploy")]
+    namespace = cluster_deploy["Namespace"]
+    env = _env(rollout)
+    for variable, output in (
+        ("CONTROL_PLANE_GROUP_NAMES", "ControlPlaneGroupNames"),
+        ("WORKER_GROUP_NAMES", "WorkerGroupNames"),
+        ("CLUSTER_OPS_FUNCTION_NAME", "ClusterOpsFunctionName"),
+    ):
+        assert env[variable] == f"#{{{namespace}.{output}}}"
+    commands = default.buildspec(rollout)["phases"]["build"]["commands"]
+    (run,) = [c for c in commands if c.startswith("python -m pipeline.rollout")]
+    assert "--region us-east-1" in run and "--report rollout/" in run
+
+
+@pytest.mark.parametrize("stage_name", ["Staging", "Production"])
+def test_rollout_role_may_refresh_only_this_clusters_groups(default: Synthesized, stage_name: str) -> None:
+    rollout = {a["Name"]: a for a in default.stage(stage_name)}[f"{stage_name}Rollout"]
+    cluster = default.context[f"{stage_name.lower()}ClusterName"]
+    statements = default.role_statements(rollout)
+    actions = {a for s in statements for a in _as_list(s["Action"])}
+    assert "autoscaling:TerminateInstanceInAutoScalingGroup" not in actions
+    assert not any(a == "*" or a.endswith(":*") or a.startswith("ec2:") for a in actions)
+    by_sid = {s.get("Sid"): s for s in statements}
+    assert by_sid["ClusterOps"]["Action"] == "lambda:InvokeFunction"
+    assert f"function:dk8s-{cluster}-cluster-ops" in json.dumps(by_sid["ClusterOps"]["Resource"])
+    assert by_sid["ReadInstanceRefreshes"]["Action"] == "autoscaling:DescribeInstanceRefreshes"
+    refresh = by_sid["RefreshClusterGroups"]
+    assert sorted(refresh["Action"]) == ["autoscaling:CancelInstanceRefresh", "autoscaling:StartInstanceRefresh"]
+    assert refresh["Condition"] == {"StringEquals": {"autoscaling:ResourceTag/dedicated-k8s:cluster": cluster}}
+    resources = [json.dumps(r) for r in _as_list(refresh["Resource"])]
+    assert sum(f"autoScalingGroupName/dk8s-{cluster}-control-plane-" in r for r in resources) == 3
+    assert sum(f"autoScalingGroupName/dk8s-{cluster}-workers-general" in r for r in resources) == 1
+    assert len(resources) == 4
+    resources_text = " ".join(resources)
+    assert "autoScalingGroupName/*" not in resources_text and f"dk8s-{cluster}-*" not in resources_text
