@@ -3,8 +3,8 @@
     Source -> Build (make test, npx cdk synth) -> UpdatePipeline (self-mutation) -> Assets
         -> Ami (deploy ImageStack: the Image Builder pipeline and its own build role; then BuildAmi runs it
            once and writes the AMI ID to the SSM parameter both stages' cluster config reads)
-        -> Staging (IamStack, K8sClusterStack, then the quorum canary)
-        -> Production (manual approval, IamStack, K8sClusterStack, then the quorum canary)
+        -> Staging (IamStack, K8sClusterStack, then the quorum canary, then the smoke test)
+        -> Production (manual approval, IamStack, K8sClusterStack, then the quorum canary, then the smoke test)
 
 Failures and approval waits are announced on a KMS-encrypted SNS topic through a CodeStar
 notification rule. Every CodeBuild role is scoped to what its step does; the few wildcards that AWS
@@ -14,6 +14,7 @@ reason.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,7 @@ import aws_cdk as cdk
 from aws_cdk import aws_codebuild as codebuild
 from aws_cdk import aws_codecommit as codecommit
 from aws_cdk import aws_codestarnotifications as notifications
+from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -46,6 +48,17 @@ NOTIFIED_EVENTS = (
     "codepipeline-pipeline-manual-approval-needed",
 )
 _RUNTIMES = {"python": "3.11", "nodejs": "20"}
+# What `python -m pipeline.smoke` and `python -m pipeline.smoke.kubeconfig` import, at requirements.txt's pins. The
+# smoke step runs inside the cluster's VPC, which has no route to a package index: the synth step downloads these
+# wheels (same image, same Python) and hands them over as an artifact.
+SMOKE_PACKAGES = (
+    "aiohappyeyeballs|aiohttp|aiohttp-retry|aiosignal|annotated-types|attrs|boto3|botocore|certifi|cffi|"
+    "charset-normalizer|cryptography|durationpy|frozenlist|idna|jmespath|kubernetes|multidict|oauthlib|propcache|"
+    "pycparser|pydantic|pydantic_core|python-dateutil|PyYAML|requests|requests-oauthlib|s3transfer|six|"
+    "typing-inspection|typing_extensions|urllib3|websocket-client|yarl"
+)
+SMOKE_REQUIREMENTS = f"$(grep -E '^({SMOKE_PACKAGES})==' requirements.txt)"
+SMOKE_WHEELS = "smoke-wheels"
 # How cdk-nag prints a region / account inside a finding: a token name or a literal.
 _REGION = r"(<AWS::Region>|[a-z0-9-]+)"
 _ACCOUNT = r"(<AWS::AccountId>|\d{12})"
@@ -106,7 +119,8 @@ class PipelineStack(cdk.Stack):
 
         self.staging_stage = ClusterStage(self, "Staging", config=staging)
         self.staging_canary = self._canary_step("StagingCanary", self.staging_stage)
-        self.pipeline.add_stage(self.staging_stage, post=[self.staging_canary])
+        self.staging_smoke = self._smoke_step("StagingSmokeTest", self.staging_stage, after=self.staging_canary)
+        self.pipeline.add_stage(self.staging_stage, post=[self.staging_canary, *_present(self.staging_smoke)])
 
         self.approval = pipelines.ManualApprovalStep(
             "PromoteToProduction",
@@ -117,7 +131,14 @@ class PipelineStack(cdk.Stack):
         )
         self.production_stage = ClusterStage(self, "Production", config=production)
         self.production_canary = self._canary_step("ProductionCanary", self.production_stage)
-        self.pipeline.add_stage(self.production_stage, pre=[self.approval], post=[self.production_canary])
+        self.production_smoke = self._smoke_step(
+            "ProductionSmokeTest", self.production_stage, after=self.production_canary
+        )
+        self.pipeline.add_stage(
+            self.production_stage,
+            pre=[self.approval],
+            post=[self.production_canary, *_present(self.production_smoke)],
+        )
 
         # Materialise the CodePipeline now so the notification rule and the suppressions can reach it.
         self.pipeline.build_pipeline()
@@ -205,18 +226,25 @@ class PipelineStack(cdk.Stack):
     def _synth_step(self) -> pipelines.CodeBuildStep:
         login, env, statements = self._code_artifact()
         self._code_artifact_statements = statements
-        return pipelines.CodeBuildStep(
+        step = pipelines.CodeBuildStep(
             "Synth",
             input=self.source,
             # Pinned: requirements.txt / requirements-checkov.txt (==) and package-lock.json (npm ci).
             install_commands=[*login, "make setup"],
             # Unit tests, ruff, mypy, cfn-lint, checkov and cdk-nag; any failure ends the build here.
-            commands=["make test", "npx cdk synth"],
+            commands=[
+                "make test",
+                "npx cdk synth",
+                # The smoke steps' wheels (they run in the cluster VPC, without a package index).
+                f"python3 -m pip download --quiet --no-deps --dest {SMOKE_WHEELS} {SMOKE_REQUIREMENTS}",
+            ],
             env={"JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "1", **env},
             role_policy_statements=statements,
             primary_output_directory="cdk.out",
             timeout=cdk.Duration.minutes(45),
         )
+        self.smoke_wheels = step.add_output_directory(SMOKE_WHEELS)
+        return step
 
     # --- AMI ------------------------------------------------------------------------------------
 
@@ -439,6 +467,102 @@ class PipelineStack(cdk.Stack):
         self.rollout_steps[step_id] = step
         return step
 
+    # --- smoke test -----------------------------------------------------------------------------
+
+    def _smoke_step(
+        self, step_id: str, stage: ClusterStage, *, after: pipelines.Step
+    ) -> pipelines.CodeBuildStep | None:
+        """``python -m pipeline.smoke`` against the stage's cluster, after its canary, from inside its VPC.
+
+        The API is an internal NLB, so the step runs in the cluster's private subnets; CodeBuild can join
+        only a VPC known at synth time in the pipeline's own account and region, i.e. a stage that imports
+        its VPC (``vpcId``, ``privateSubnetIds``). A stage that creates its VPC gets no smoke step (its VPC ID
+        exists only after the stage deploys). Credentials: the step reads the cluster PKI secret and signs a
+        one-hour client certificate (``pipeline/smoke/kubeconfig.py``). IRSA is skipped until the cluster runs
+        the pod identity webhook.
+        """
+        config = stage.config
+        vpc_config = config.vpc
+        same_region = config.region == self.region or cdk.Token.is_unresolved(self.region)
+        if not vpc_config.imported or not self._same_account(config) or not same_region:
+            return None
+        assert vpc_config.vpc_id is not None and vpc_config.cidr is not None
+        vpc = ec2.Vpc.from_vpc_attributes(
+            self,
+            f"{step_id}Vpc",
+            vpc_id=vpc_config.vpc_id,
+            vpc_cidr_block=vpc_config.cidr,
+            availability_zones=list(config.availability_zones),
+            private_subnet_ids=list(vpc_config.private_subnet_ids),
+            private_subnet_route_table_ids=list(vpc_config.private_route_table_ids),
+        )
+        security_group = ec2.SecurityGroup(
+            self,
+            f"{step_id}SecurityGroup",
+            vpc=vpc,
+            description=f"{config.cluster_name} smoke test: the Kubernetes API and the VPC endpoints only",
+            allow_all_outbound=False,
+        )
+        security_group.add_egress_rule(ec2.Peer.ipv4(vpc_config.cidr), ec2.Port.tcp(6443), "Kubernetes API (NLB)")
+        security_group.add_egress_rule(ec2.Peer.ipv4(vpc_config.cidr), ec2.Port.tcp(443), "VPC interface endpoints")
+        # The private subnets have no internet route: 443 beyond the VPC reaches only the S3 gateway endpoint
+        # (source and artifacts), whose prefix list is not known at synth time.
+        security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "S3 gateway endpoint")
+        account = config.account or self.account
+        secret_arn = self.format_arn(
+            service="secretsmanager",
+            region=config.region,
+            account=account,
+            resource="secret",
+            resource_name=f"{config.pki_secret_name}-??????",
+            arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+        )
+        statements = [
+            iam.PolicyStatement(sid="ReadClusterCa", actions=["secretsmanager:GetSecretValue"], resources=[secret_arn]),
+            # The cluster key's ARN is another stack's: allowed only through Secrets Manager, for this secret.
+            iam.PolicyStatement(
+                sid="DecryptClusterCa",
+                actions=["kms:Decrypt"],
+                resources=[
+                    self.format_arn(
+                        service="kms", region=config.region, account=account, resource="key", resource_name="*"
+                    )
+                ],
+                conditions={
+                    "StringEquals": {"kms:ViaService": f"secretsmanager.{config.region}.amazonaws.com"},
+                    "StringLike": {"kms:EncryptionContext:SecretARN": secret_arn},
+                },
+            ),
+        ]
+        expected_workers = sum(group.min_size for group in config.worker_groups)
+        kubeconfig = "$HOME/.kube/smoke"
+        step = pipelines.CodeBuildStep(
+            step_id,
+            input=self.source,
+            additional_inputs={SMOKE_WHEELS: self.smoke_wheels},
+            install_commands=[
+                f"python -m pip install --quiet --no-index --find-links {SMOKE_WHEELS} {SMOKE_REQUIREMENTS}",
+            ],
+            commands=[
+                f'python -m pipeline.smoke.kubeconfig --out "{kubeconfig}"',
+                f'python -m pipeline.smoke --kubeconfig "{kubeconfig}" '
+                f"--expect-control-plane {config.control_plane_count} --expect-workers {expected_workers} "
+                "--timeout 300 --skip-irsa",
+            ],
+            env={"PKI_SECRET_NAME": config.pki_secret_name, "CLUSTER_REGION": config.region},
+            env_from_cfn_outputs={
+                "API_ENDPOINT": stage.cluster.outputs["ApiEndpoint"],
+                "CLUSTER_NAME": stage.cluster.outputs["ClusterName"],
+            },
+            vpc=vpc,
+            subnet_selection=ec2.SubnetSelection(subnets=vpc.private_subnets),
+            security_groups=[security_group],
+            role_policy_statements=statements,
+            timeout=cdk.Duration.minutes(30),
+        )
+        step.add_step_dependency(after)
+        return step
+
     # --- notifications --------------------------------------------------------------------------
 
     def _notifications(self) -> sns.Topic:
@@ -574,6 +698,38 @@ class PipelineStack(cdk.Stack):
                     ),
                 ],
             )
+        for smoke, stage in ((self.staging_smoke, self.staging_stage), (self.production_smoke, self.production_stage)):
+            if smoke is None:
+                continue
+            # The policy CDK adds for a project in a VPC (network interfaces), beside the role's default policy.
+            smoke_policy = smoke.project.node.try_find_child("PolicyDocument")
+            if smoke_policy is not None and isinstance(smoke_policy.node.default_child, cdk.CfnResource):
+                skip_checkov(
+                    smoke_policy.node.default_child,
+                    [
+                        (
+                            "CKV_AWS_111",
+                            "CodeBuild in a VPC: CDK's ec2:CreateNetworkInterface/DeleteNetworkInterface on *",
+                        )
+                    ],
+                )
+            suppress(
+                smoke.project,
+                "AwsSolutions-IAM5",
+                "CodeBuild's VPC network-interface calls support no resource-level permissions (created by CDK for a "
+                "project in a VPC; CreateNetworkInterfacePermission is limited to the step's subnets); the secret "
+                "is the cluster's PKI secret by name (Secrets Manager appends a random "
+                "6-character suffix), and kms:Decrypt is allowed only through Secrets Manager for that secret",
+                applies_to=[
+                    "Resource::*",
+                    "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:network-interface/*",
+                    _regex(rf"Resource::arn:<AWS::Partition>:kms:{_REGION}:{_ACCOUNT}:key/\*"),
+                    _regex(
+                        rf"Resource::arn:<AWS::Partition>:secretsmanager:{_REGION}:{_ACCOUNT}:secret:"
+                        rf"{re.escape(stage.config.pki_secret_name)}-\?\?\?\?\?\?"
+                    ),
+                ],
+            )
         suppress(
             self.ami_step.project,
             "AwsSolutions-IAM5",
@@ -620,6 +776,10 @@ def _stage_config(target: StageTarget) -> ClusterConfig:
     if target.config is None:
         raise ValueError(f"the {target.name} stage has no cluster configuration (use PipelineSettings.from_context)")
     return target.config
+
+
+def _present(*steps: pipelines.Step | None) -> list[pipelines.Step]:
+    return [step for step in steps if step is not None]
 
 
 def _regex(pattern: str) -> dict[str, str]:
