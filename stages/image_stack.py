@@ -302,7 +302,7 @@ class ImageStack(cdk.Stack):
                 conditions={
                     "StringEquals": {
                         "kms:CallerAccount": self.account,
-                        "kms:ViaService": f"ec2.{self.region}.amazonaws.com",
+                        "kms:ViaService": f"ec2.{self.region}.{self.url_suffix}",
                     }
                 },
             )

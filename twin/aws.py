@@ -43,6 +43,7 @@ import boto3
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
+PARTITION = "aws"  # eu-west-1 is in the commercial partition; ARNs are built from this, never spelt out
 DUMMY_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 _XMLNS = "http://autoscaling.amazonaws.com/doc/2011-01-01/"
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from twin.aws import ACCOUNT, REGION
+from twin.aws import ACCOUNT, PARTITION, REGION
 
 Handler = Callable[[dict[str, Any], Any], Any]
 
@@ -58,7 +58,7 @@ def terminate_lifecycle_event(
         "time": _now(),
         "region": REGION,
         "resources": [
-            f"arn:aws:autoscaling:{REGION}:{ACCOUNT}:autoScalingGroup:{uuid.uuid4()}:autoScalingGroupName/{group}"
+            f"arn:{PARTITION}:autoscaling:{REGION}:{ACCOUNT}:autoScalingGroup:{uuid.uuid4()}:autoScalingGroupName/{group}"
         ],
         "detail": detail,
     }
@@ -73,7 +73,7 @@ def scheduled_event(rule: str) -> dict[str, Any]:
         "account": ACCOUNT,
         "time": _now(),
         "region": REGION,
-        "resources": [f"arn:aws:events:{REGION}:{ACCOUNT}:rule/{rule}"],
+        "resources": [f"arn:{PARTITION}:events:{REGION}:{ACCOUNT}:rule/{rule}"],
         "detail": {},
     }
 
@@ -111,7 +111,7 @@ class LambdaContext:
 
     def __post_init__(self) -> None:
         self.aws_request_id = str(uuid.uuid4())
-        self.invoked_function_arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{self.function_name}"
+        self.invoked_function_arn = f"arn:{PARTITION}:lambda:{REGION}:{ACCOUNT}:function:{self.function_name}"
         self.function_version = "$LATEST"
         self.log_group_name = f"/aws/lambda/{self.function_name}"
         self.log_stream_name = "twin"

@@ -221,3 +221,11 @@ def test_an_explicit_pipeline_arn_skips_the_lookup(tmp_path: Path, fake_aws: Pat
     assert not any(call[:2] == ["imagebuilder", "list-image-pipelines"] for call in result.calls)
     (start,) = [call for call in result.calls if call[1] == "start-image-pipeline-execution"]
     assert other in start
+
+
+@pytest.mark.parametrize("region", ["us-gov-west-1", "cn-north-1"])
+def test_builds_in_govcloud_and_china_regions(tmp_path: Path, fake_aws: Path, region: str) -> None:
+    result = run(tmp_path, fake_aws, "--region", region, states="BUILDING,AVAILABLE")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{AMI}\n"
+    assert all(call[call.index("--region") + 1] == region for call in result.calls if "--region" in call)
