@@ -80,6 +80,7 @@ class K8sClusterStack(cdk.Stack):
             subnets=network.subnets,
             security_group=security.etcd_lambda,
             key=state.key,
+            api_endpoint=control_plane.api_endpoint,
         )
         ClusterObservability(
             self,

@@ -66,7 +66,7 @@ class ClusterState(Construct):
         grant_auto_scaling_volumes(self.key)
         # Services that write encrypted data for the cluster: logs, the alarm topic, EventBridge -> SQS.
         for sid, principal in (
-            ("CloudWatchLogs", iam.ServicePrincipal(f"logs.{stack.region}.amazonaws.com")),
+            ("CloudWatchLogs", iam.ServicePrincipal(f"logs.{stack.region}.{stack.url_suffix}")),
             ("CloudWatchAlarms", iam.ServicePrincipal("cloudwatch.amazonaws.com")),
             ("EventBridge", iam.ServicePrincipal("events.amazonaws.com")),
         ):
@@ -147,12 +147,17 @@ class ClusterState(Construct):
             removal_policy=cdk.RemovalPolicy.RETAIN,
         )
 
-        # Created empty: the values (cluster PKI, the Lambda's etcd client certificate, the worker join
-        # token) are generated and written by the initialising node, never by CloudFormation.
+        # Created empty: the values (cluster PKI, the Lambda's etcd and Kubernetes API client certificates,
+        # the worker join token) are generated and written by the initialising node, never by CloudFormation.
         self.secrets: dict[str, secretsmanager.CfnSecret] = {}
         for logical_id, name, description in (
             ("PkiSecret", config.pki_secret_name, "cluster CA, front-proxy CA, etcd CA, service-account keys"),
             ("EtcdClientSecret", config.etcd_client_secret_name, "etcd client certificate for the lifecycle Lambdas"),
+            (
+                "KubeClientSecret",
+                config.kube_client_secret_name,
+                "Kubernetes API client certificate for the lifecycle Lambda's node drain",
+            ),
             ("WorkerJoinSecret", config.join_secret_name, "worker bootstrap token and CA cert hash"),
         ):
             secret = secretsmanager.CfnSecret(

@@ -1,8 +1,12 @@
-"""EtcdLifecycle: the Lambdas that keep etcd membership in step with the control-plane instances.
+"""EtcdLifecycle: the Lambdas that keep etcd membership in step with the control-plane instances, and drain
+every terminating node (control plane and workers) before its terminate hook completes.
 
-Terminate events go EventBridge -> SQS -> lifecycle Lambda. The queue is the retry mechanism: when a
-removal is not yet safe the Lambda heartbeats the hook and re-enqueues the event with a delay (no
-Lambda ever sleeps for minutes), and a crash simply redelivers the message.
+Terminate events (control-plane and worker groups) go EventBridge -> SQS -> lifecycle Lambda. The queue is
+the retry mechanism: when a drain or a removal cannot finish yet the Lambda heartbeats the hook and
+re-enqueues the event with a delay (no Lambda ever sleeps for minutes), and a crash simply redelivers the
+message. Why the drain of ASG terminate hooks is here and not in aws-node-termination-handler: see
+lambdas/common/termination.py (NTH completes the hook right after its drain, so it cannot be ordered before
+the etcd removal, and it never deletes the Node object).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from constructs import Construct
 from stages.config import ClusterConfig
 from stages.lambda_bundling import lambda_code
 from stages.nag import skip_checkov, suppress
+from stages.security import API_PORT
 
 FUNCTION_TIMEOUT = cdk.Duration.seconds(60)
 RETRY_DELAY_SECONDS = 30
@@ -29,6 +34,9 @@ RETRY_DELAY_SECONDS = 30
 # past this deadline the Lambda abandons (the group retains the instance) and an alarm fires.
 REMOVAL_DEADLINE_SECONDS = 3600
 RECONCILE_EVERY = cdk.Duration.minutes(5)
+# Past this the drain is skipped (logged, DrainDeadlinePassed metric): a dead API server must not block
+# scale-in or the etcd removal. Shorter than the removal deadline, so the removal still has its time.
+DRAIN_DEADLINE_SECONDS = 600
 TERMINATE_EVENT = "EC2 Instance-terminate Lifecycle Action"
 
 
@@ -43,6 +51,7 @@ class EtcdLifecycle(Construct):
         subnets: list[ec2.ISubnet],
         security_group: ec2.ISecurityGroup,
         key: kms.IKey,
+        api_endpoint: str,
     ) -> None:
         super().__init__(scope, construct_id)
         queue_name = f"{config.resource_prefix}-etcd-lifecycle"
@@ -78,6 +87,13 @@ class EtcdLifecycle(Construct):
             "REMOVAL_DEADLINE_SECONDS": str(REMOVAL_DEADLINE_SECONDS),
             "DESIRED_MEMBERS": str(config.control_plane_count),
             "METRICS_NAMESPACE": "DedicatedK8s",
+            # Node drain before termination continues (lambdas/common/drain.py; README "Draining nodes").
+            "DRAIN_NODES": "true",
+            # The API through the internal NLB, as the nodes reach it (its DNS name is in the API server's SANs).
+            "KUBE_API_URL": f"https://{api_endpoint}:{API_PORT}",
+            "KUBE_CLIENT_SECRET_NAME": config.kube_client_secret_name,
+            "WORKER_GROUP_NAMES": ",".join(config.worker_group_name(g) for g in config.worker_groups),
+            "DRAIN_DEADLINE_SECONDS": str(DRAIN_DEADLINE_SECONDS),
         }
         code = lambda_code()
 
@@ -127,7 +143,8 @@ class EtcdLifecycle(Construct):
             "lambdas.etcd_lifecycle.handler.handle",
             config.etcd_lifecycle_role_name,
             concurrency=1,
-            description="Removes a terminating control-plane instance's etcd member safely, then completes its hook",
+            description="Drains a terminating node; for control-plane nodes then removes the etcd member safely; "
+            "then completes the hook",
         )
         self.reconciler_function = function(
             "ReconcilerFunction",
@@ -161,6 +178,21 @@ class EtcdLifecycle(Construct):
             ),
             targets=[targets.SqsQueue(self.queue)],
         )
+        worker_groups = [config.worker_group_name(g) for g in config.worker_groups]
+        if worker_groups:
+            # Workers: drain and delete the Node, then CONTINUE (never etcd). NTH handles only non-ASG events.
+            self.worker_terminate_rule = events.Rule(
+                self,
+                "WorkerTerminateRule",
+                rule_name=f"{config.resource_prefix}-worker-terminate",
+                description="Worker terminate lifecycle actions to the lifecycle queue (drain before termination)",
+                event_pattern=events.EventPattern(
+                    source=["aws.autoscaling"],
+                    detail_type=[TERMINATE_EVENT],
+                    detail={"AutoScalingGroupName": worker_groups},
+                ),
+                targets=[targets.SqsQueue(self.queue)],
+            )
         self.reconcile_rule = events.Rule(
             self,
             "ReconcileSchedule",

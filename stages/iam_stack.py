@@ -465,11 +465,21 @@ class IamStack(cdk.Stack):
                 ],
             ]
             if can_complete:
+                # The lifecycle Lambda drains every terminating node (control plane and workers) before it
+                # completes the hook, with its own Kubernetes API client certificate.
+                terminate_groups = [*config.control_plane_group_names, *self._worker_group_names]
                 statements.append(
                     iam.PolicyStatement(
-                        sid="ControlPlaneTerminateHooks",
+                        sid="TerminateHooks",
                         actions=["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"],
-                        resources=self._group_arns(config.control_plane_group_names),
+                        resources=self._group_arns(terminate_groups),
+                    )
+                )
+                statements.append(
+                    iam.PolicyStatement(
+                        sid="KubeClientCertificate",
+                        actions=["secretsmanager:GetSecretValue"],
+                        resources=[self._secret_arn(config.kube_client_secret_name)],
                     )
                 )
                 statements.append(
@@ -485,7 +495,11 @@ class IamStack(cdk.Stack):
                         resources=[self._arn("sqs", f"{config.resource_prefix}-etcd-lifecycle")],
                     )
                 )
-                applies.extend(f"Resource::{self._group_pattern(name)}" for name in config.control_plane_group_names)
+                applies.extend(f"Resource::{self._group_pattern(name)}" for name in terminate_groups)
+                applies.append(
+                    "Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:"
+                    f"{config.kube_client_secret_name}-??????"
+                )
             else:
                 # The reconciler never changes membership itself: it asks the lifecycle Lambda (the single
                 # writer) through its queue, so it may only send to that queue.

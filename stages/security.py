@@ -57,6 +57,8 @@ class ClusterSecurityGroups(Construct):
         )
         self.etcd_lambda.add_egress_rule(self.control_plane, ec2.Port.tcp(ETCD_CLIENT_PORT), "etcd client")
         self.etcd_lambda.add_egress_rule(vpc_cidr, ec2.Port.tcp(443), "AWS APIs through VPC endpoints")
+        # The lifecycle Lambda drains terminating nodes through the API (the NLB admits the VPC CIDR on 6443).
+        self.etcd_lambda.add_egress_rule(self.api_load_balancer, ec2.Port.tcp(API_PORT), "Kubernetes API (node drain)")
 
         # kubelet API from the control plane (logs, exec, metrics).
         for target in (self.control_plane, self.workers):

@@ -171,6 +171,7 @@ def test_state_is_encrypted_versioned_and_retained(cluster_template: Template) -
     secrets = resources(cluster_template, "AWS::SecretsManager::Secret")
     assert sorted(s["Properties"]["Name"] for s in secrets.values()) == [
         "dedicated-k8s/dedicated-k8s/etcd-client",
+        "dedicated-k8s/dedicated-k8s/lifecycle-kube-client",
         "dedicated-k8s/dedicated-k8s/pki",
         "dedicated-k8s/dedicated-k8s/worker-join",
     ]
@@ -214,6 +215,47 @@ def test_terminate_events_reach_the_lifecycle_lambda_through_a_queue_with_a_dlq(
         },
     )
     cluster_template.has_resource_properties("AWS::Events::Rule", {"ScheduleExpression": "rate(5 minutes)"})
+
+
+def test_worker_terminate_hooks_reach_the_lifecycle_queue_and_the_lambda_can_drain(cluster_template: Template) -> None:
+    """Worker terminate hooks go to the same lifecycle queue (drain, delete the Node, CONTINUE); the Lambda gets
+    the API URL (the NLB, port 6443), its client-certificate secret (created empty) and a way to the NLB."""
+    rules = resources(cluster_template, "AWS::Events::Rule")
+    (worker_rule,) = [
+        rule
+        for rule in rules.values()
+        if rule["Properties"].get("EventPattern", {}).get("detail", {}).get("AutoScalingGroupName")
+        == ["dk8s-dedicated-k8s-workers-general"]
+    ]
+    pattern = worker_rule["Properties"]["EventPattern"]
+    assert pattern["source"] == ["aws.autoscaling"]
+    assert pattern["detail-type"] == ["EC2 Instance-terminate Lifecycle Action"]
+    (queue_id,) = [k for k, q in resources(cluster_template, "AWS::SQS::Queue").items()
+                   if q["Properties"].get("QueueName") == "dk8s-dedicated-k8s-etcd-lifecycle"]  # fmt: skip
+    assert [t["Arn"] for t in worker_rule["Properties"]["Targets"]] == [{"Fn::GetAtt": [queue_id, "Arn"]}]
+
+    (function,) = [f for f in resources(cluster_template, "AWS::Lambda::Function").values()
+                   if f["Properties"].get("FunctionName") == "dk8s-dedicated-k8s-etcd-lifecycle"]  # fmt: skip
+    variables = function["Properties"]["Environment"]["Variables"]
+    assert variables["DRAIN_NODES"] == "true"
+    assert variables["WORKER_GROUP_NAMES"] == "dk8s-dedicated-k8s-workers-general"
+    assert variables["KUBE_CLIENT_SECRET_NAME"] == "dedicated-k8s/dedicated-k8s/lifecycle-kube-client"
+    assert int(variables["DRAIN_DEADLINE_SECONDS"]) < int(variables["REMOVAL_DEADLINE_SECONDS"])
+    (nlb_id,) = resources(cluster_template, "AWS::ElasticLoadBalancingV2::LoadBalancer")
+    assert variables["KUBE_API_URL"] == {"Fn::Join": ["", ["https://", {"Fn::GetAtt": [nlb_id, "DNSName"]}, ":6443"]]}
+    cluster_template.has_resource_properties(
+        "AWS::SecretsManager::Secret", {"Name": "dedicated-k8s/dedicated-k8s/lifecycle-kube-client"}
+    )
+
+    (lambda_sg,) = [function["Properties"]["VpcConfig"]["SecurityGroupIds"][0]["Fn::GetAtt"][0]]
+    egress = resources(cluster_template, "AWS::EC2::SecurityGroupEgress").values()
+    to_api = [
+        e["Properties"]
+        for e in egress
+        if e["Properties"]["GroupId"] == {"Fn::GetAtt": [lambda_sg, "GroupId"]} and e["Properties"]["FromPort"] == 6443
+    ]
+    assert len(to_api) == 1 and to_api[0]["ToPort"] == 6443
+    assert "ApiLoadBalancer" in to_api[0]["DestinationSecurityGroupId"]["Fn::GetAtt"][0]
 
 
 def test_cluster_stack_creates_no_iam(cluster_template: Template) -> None:

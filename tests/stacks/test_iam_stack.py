@@ -73,19 +73,24 @@ def test_mutating_cloud_controller_calls_need_the_cluster_tag(iam_template: Temp
             }
 
 
-def test_lifecycle_lambda_completes_hooks_only_on_control_plane_groups(iam_template: Template) -> None:
+def test_lifecycle_lambda_completes_hooks_only_on_the_cluster_groups_and_reads_the_kube_client_secret(
+    iam_template: Template,
+) -> None:
+    """It drains every terminating node (workers too) before completing the hook, with its own API certificate."""
     policies = iam_template.find_resources("AWS::IAM::Policy")
     (lifecycle,) = [p for logical_id, p in policies.items() if logical_id.startswith("EtcdLifecycleRolePolicy")]
-    hook_statements = [
-        s
-        for s in lifecycle["Properties"]["PolicyDocument"]["Statement"]
-        if "autoscaling:CompleteLifecycleAction" in as_list(s["Action"])
-    ]
+    lifecycle_statements = lifecycle["Properties"]["PolicyDocument"]["Statement"]
+    hook_statements = [s for s in lifecycle_statements if "autoscaling:CompleteLifecycleAction" in as_list(s["Action"])]
     assert len(hook_statements) == 1
-    resources = json.dumps(hook_statements[0]["Resource"])
-    for index in range(3):
-        assert f"autoScalingGroupName/dk8s-dedicated-k8s-control-plane-{index}" in resources
-    assert "workers" not in resources
+    assert "autoscaling:RecordLifecycleActionHeartbeat" in as_list(hook_statements[0]["Action"])
+    resources = as_list(hook_statements[0]["Resource"])
+    groups = sorted(json.dumps(r).split("autoScalingGroupName/")[1].split('"')[0] for r in resources)
+    workers = ["dk8s-dedicated-k8s-workers-general"]
+    assert groups == sorted([f"dk8s-dedicated-k8s-control-plane-{index}" for index in range(3)] + workers)
+    reads = [s["Resource"] for s in lifecycle_statements if "secretsmanager:GetSecretValue" in as_list(s["Action"])]
+    assert "dedicated-k8s/dedicated-k8s/lifecycle-kube-client-??????" in json.dumps(reads)
+    (reconciler,) = [p for logical_id, p in policies.items() if logical_id.startswith("EtcdReconcilerRolePolicy")]
+    assert "lifecycle-kube-client" not in json.dumps(reconciler), "only the lifecycle Lambda drains"
 
 
 def test_reconciler_cannot_complete_lifecycle_actions(iam_template: Template) -> None:
