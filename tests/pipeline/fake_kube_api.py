@@ -40,6 +40,7 @@ class Scenario:
     irsa_webhook: bool = True
     delete_lingers_reads: int = 0  # GETs after DELETE that still find the pod
     fail_path: str | None = None  # a regex: matching requests get 500
+    fail_pod_reads_until_deleted: bool = False  # GET of a created pod answers 500 until it is deleted
 
 
 class FakeKubeApi:
@@ -171,6 +172,8 @@ class FakeKubeApi:
         if name is None:
             return 405, _status(405, "MethodNotAllowed", method)
         key = (namespace, name)
+        if method == "GET" and s.fail_pod_reads_until_deleted and key in self.pods and name not in self.deleted_pods:
+            return 500, _status(500, "InternalError", "etcdserver: request timed out")
         if method == "GET":
             if key in self._lingering:
                 self._lingering[key] -= 1

@@ -172,6 +172,19 @@ def test_the_test_pod_is_deleted_even_when_a_check_fails(tmp_path: Path) -> None
     assert run.api.pods == {}
 
 
+def test_the_test_pods_are_deleted_even_when_the_api_fails_in_the_middle_of_a_check(tmp_path: Path) -> None:
+    run = smoke(tmp_path, Scenario(fail_pod_reads_until_deleted=True))
+
+    assert run.code == 1
+    assert run.failed() == ["test pod Running", "IRSA credentials injected"]
+    assert run.table["test pod Running"][1] == "API error 500 Internal Server Error"
+    assert run.table["test pod deleted"][0] == "PASS"
+    assert run.table["IRSA test pod deleted"][0] == "PASS"
+    assert len(run.api.created_pods) == 2
+    assert run.api.deleted_pods == run.api.created_pods
+    assert run.api.pods == {} and run.api.service_accounts == {}
+
+
 def test_a_pod_still_present_after_delete_is_waited_for(tmp_path: Path) -> None:
     run = smoke(tmp_path, Scenario(delete_lingers_reads=3))
     assert run.code == 0, run.err
