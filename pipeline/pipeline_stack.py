@@ -529,7 +529,7 @@ class PipelineStack(cdk.Stack):
                     )
                 ],
                 conditions={
-                    "StringEquals": {"kms:ViaService": f"secretsmanager.{config.region}.amazonaws.com"},
+                    "StringEquals": {"kms:ViaService": f"secretsmanager.{config.region}.{self.url_suffix}"},
                     "StringLike": {"kms:EncryptionContext:SecretARN": secret_arn},
                 },
             ),

@@ -108,7 +108,9 @@ def test_the_smoke_role_reads_only_the_clusters_pki_secret(imported: Synthesized
     assert json.dumps(read["Resource"]).endswith(f':secret:dedicated-k8s/{cluster}/pki-??????"]]}}')
     decrypt = by_sid["DecryptClusterCa"]
     assert decrypt["Action"] == "kms:Decrypt"
-    assert decrypt["Condition"]["StringEquals"] == {"kms:ViaService": "secretsmanager.us-east-1.amazonaws.com"}
+    assert decrypt["Condition"]["StringEquals"] == {
+        "kms:ViaService": {"Fn::Join": ["", ["secretsmanager.us-east-1.", {"Ref": "AWS::URLSuffix"}]]}
+    }
     assert decrypt["Condition"]["StringLike"]["kms:EncryptionContext:SecretARN"] == read["Resource"]
     actions = {
         a
