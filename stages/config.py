@@ -45,6 +45,7 @@ CONTEXT_KEYS = (
     "retainNetworkOnDelete",
     "deployedKubernetesVersion",
     "auditLogRetentionDays",
+    "irsa",
 )
 
 # Context keys that belong to someone else: CDK's feature flags and the pipeline's own settings.
@@ -73,6 +74,18 @@ _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
 _GROUP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,20}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+# IAM Roles for Service Accounts: the two objects of the service-account issuer (OIDC discovery document and JWKS)
+# and the audience the pod identity webhook requests and the IAM OIDC provider accepts as client ID.
+IRSA_DISCOVERY_KEY = ".well-known/openid-configuration"
+IRSA_JWKS_KEY = "keys.json"
+IRSA_AUDIENCE = "sts.amazonaws.com"
+
+
+def url_suffix_for_region(region: str) -> str:
+    """The regional endpoints' domain: ``amazonaws.com.cn`` in the China partition, else ``amazonaws.com``.
+    (Inside a stack, use the stack's ``url_suffix`` token instead: it resolves the same way at deploy.)"""
+    return "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
 
 
 def bucket_name_problem(name: str, cluster_name: str) -> str | None:
@@ -158,6 +171,9 @@ class ClusterConfig:
     # The version the deployed cluster runs, if the operator or pipeline states it: synth then refuses a
     # kubernetesVersion this cluster may not move to (lambdas/common/version_skew.py).
     deployed_kubernetes_version: str | None = None
+    # IAM Roles for Service Accounts (stages/irsa.py, node_agent/irsa.py): the issuer bucket, the IAM OIDC
+    # provider, the API server's issuer flags and the pod identity webhook. False: none of it.
+    irsa: bool = True
 
     @property
     def ami_is_ssm_parameter(self) -> bool:
@@ -246,6 +262,16 @@ class ClusterConfig:
 
     def image_logs_bucket_name(self, account: str, region: str) -> str:
         return self.bucket_names(self.resource_prefix, account, region)[1]
+
+    def irsa_issuer_bucket_name(self, account: str, region: str) -> str:
+        """The bucket that serves the service-account issuer's discovery document and JWKS."""
+        return f"{self.resource_prefix}-irsa-oidc-{account}-{region}"
+
+    def irsa_issuer_url(self, account: str, region: str, url_suffix: str | None = None) -> str:
+        """The service-account issuer: the bucket's virtual-hosted-style HTTPS URL (no trailing slash), which is
+        what STS fetches ``/.well-known/openid-configuration`` from; ``url_suffix`` defaults to the region's."""
+        suffix = url_suffix or url_suffix_for_region(region)
+        return f"https://{self.irsa_issuer_bucket_name(account, region)}.s3.{region}.{suffix}"
 
     @staticmethod
     def bucket_names(prefix: str, account: str, region: str) -> tuple[str, str]:
@@ -402,12 +428,16 @@ class _Parser:
         if not _REGION.match(region):
             self.bad("region", region, "must be an AWS region name such as 'us-east-1'")
         account = self.string("account")
+        irsa = self.boolean("irsa", True)
         if account is not None and not _ACCOUNT.match(account):
             self.bad("account", account, "must be a 12-digit AWS account ID")
         if _CLUSTER_NAME.match(cluster_name) and _REGION.match(region):
             # The snapshot bucket's name embeds the account and region and S3 allows 63 characters: say so at
             # synth, not at deploy. (ImageStack checks its own logs bucket the same way: only it creates one.)
-            problem = bucket_name_problem(f"dk8s-{cluster_name}-etcd-snapshots-{'0' * 12}-{region}", cluster_name)
+            names = [f"dk8s-{cluster_name}-etcd-snapshots-{'0' * 12}-{region}"]
+            if irsa:
+                names.append(f"dk8s-{cluster_name}-irsa-oidc-{'0' * 12}-{region}")
+            problem = next((p for p in (bucket_name_problem(n, cluster_name) for n in names) if p), None)
             if problem:
                 self.bad("clusterName", cluster_name, f"too long for region {region}: {problem}")
 
@@ -472,6 +502,7 @@ class _Parser:
             account=account,
             region=region,
             deployed_kubernetes_version=deployed,
+            irsa=irsa,
         )
 
     def _unknown_keys(self) -> list[str]:

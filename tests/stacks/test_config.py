@@ -177,3 +177,43 @@ def test_audit_log_retention_defaults_to_a_year_and_accepts_cloudwatch_periods()
     assert config_with().audit_log_retention_days == 365
     assert config_with(auditLogRetentionDays=731).audit_log_retention_days == 731
     assert config_with(auditLogRetentionDays="90").audit_log_retention_days == 90  # `-c key=value` gives a string
+
+
+def test_irsa_is_on_by_default_and_the_switch_takes_json_or_command_line_booleans() -> None:
+    assert config_with().irsa is True
+    assert config_with(irsa=False).irsa is False
+    assert config_with(irsa="false").irsa is False  # `-c irsa=false`
+    assert config_with(irsa="true").irsa is True
+    message = error_for(irsa="off")
+    assert "'irsa' = \"off\"" in message and "true or false" in message
+
+
+@pytest.mark.parametrize(("region", "suffix"), [
+    ("eu-west-1", "amazonaws.com"),
+    ("us-gov-west-1", "amazonaws.com"),
+    ("cn-north-1", "amazonaws.com.cn"),
+])  # fmt: skip
+def test_the_irsa_issuer_is_the_issuer_buckets_regional_https_url_with_the_partitions_suffix(
+    region: str, suffix: str
+) -> None:
+    config = ClusterConfig.from_mapping({"clusterName": "blue", "region": region})
+    bucket = config.irsa_issuer_bucket_name("111122223333", region)
+    assert bucket == f"dk8s-blue-irsa-oidc-111122223333-{region}"
+    assert config.irsa_issuer_url("111122223333", region) == f"https://{bucket}.s3.{region}.{suffix}"
+    # Inside a stack the URL suffix is the stack's token; it replaces the region's default.
+    assert config.irsa_issuer_url("A", "R", "${AWS::URLSuffix}").endswith(".s3.R.${AWS::URLSuffix}")
+    # A second cluster (blue/green) gets its own issuer: two clusters never share signing-key documents.
+    green = ClusterConfig.from_mapping({"clusterName": "green", "region": region})
+    assert green.irsa_issuer_bucket_name("111122223333", region) != bucket
+
+
+def test_every_accepted_cluster_name_leaves_the_irsa_issuer_bucket_within_s3s_limit() -> None:
+    region = "ap-southeast-2"
+    for length in range(3, 25):
+        name = ("a" * length)[:length]
+        try:
+            config = ClusterConfig.from_mapping({"clusterName": name, "region": region})
+        except ConfigError as err:
+            assert "use at most" in str(err)
+            continue
+        assert len(config.irsa_issuer_bucket_name("1" * 12, region)) <= 63, name
