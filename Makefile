@@ -7,7 +7,7 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 1
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: setup demo twin-demo test lint typecheck pytest synth policy chaos benchmark clean
+.PHONY: setup demo twin-demo test lint typecheck pytest synth policy chaos upgrade benchmark clean
 
 setup: .venv/.stamp .venv-checkov/.stamp node_modules/.stamp .system.stamp
 
@@ -70,6 +70,10 @@ N ?= 500
 SEED ?= 1
 chaos: setup
 	@$(PY) -m twin.chaos --count $(N) --seed $(SEED) --dr
+
+# An upgrade by replacement on the twin: N -> N+1 through pipeline/rollout.py (reports/upgrade-report.json).
+upgrade: setup
+	@$(PY) -m twin.upgrade
 
 # Handler latency per lifecycle event on real etcd (median, p95 over 50 events) and the import time.
 benchmark: setup

@@ -83,6 +83,7 @@ class TwinOptions:
     removal_deadline_seconds: int = 120
     sample_interval: float = 0.25
     snapshot_every_seconds: float = 0.0
+    upgrade_addons_every_seconds: float = 0.0  # the agent's upgrade-addons timer (0: off)
     agent_settings: dict[str, float] = field(default_factory=lambda: dict(FAST_AGENT))
 
 
@@ -118,6 +119,7 @@ class Twin:
             }
         )
         self.root = self.options.root or Path(tempfile.mkdtemp(prefix="dk8s-twin-"))
+        self.kubernetes_version = self.cfg.kubernetes_version  # the AMI's version new launches run (twin/upgrade.py)
         self.second_octet = random.SystemRandom().randint(32, 250)
         self.aws = MotoAws(self.root / "aws", backend=self)
         self.procs: dict[str, Proc] = {}
@@ -313,6 +315,7 @@ class Twin:
             "settings": self.options.agent_settings,
             "fail": self.next_launch_fail.pop(group.role, None),
             "snapshotEverySeconds": self.options.snapshot_every_seconds,
+            "upgradeAddonsEverySeconds": self.options.upgrade_addons_every_seconds,
         }
         (root / "spec.json").write_text(json.dumps(spec))
         log = (root / "agent.log").open("ab")
@@ -335,7 +338,7 @@ class Twin:
             "clusterName": self.cfg.cluster_name,
             "role": role,
             "region": REGION,
-            "kubernetesVersion": self.cfg.kubernetes_version,
+            "kubernetesVersion": self.kubernetes_version,
             "apiEndpoint": f"{self.cfg.resource_prefix}-api.elb.{REGION}.amazonaws.com",
             "apiPort": 6443,
             "clusterStateTable": self.cfg.cluster_state_table_name,

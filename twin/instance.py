@@ -103,10 +103,18 @@ def run(spec: dict[str, Any]) -> int:
     }
     (root / "launch-result.json").write_text(json.dumps(result))
     every = float(spec.get("snapshotEverySeconds") or 0)
+    addons_every = float(spec.get("upgradeAddonsEverySeconds") or 0)
     agent = built[0] if built else None
-    last = time.monotonic()
+    last = last_addons = time.monotonic()
     while True:  # the instance lives on until the twin kills its process group
         time.sleep(0.5)
+        if rc == 0 and agent is not None and addons_every > 0 and agent.config.is_control_plane \
+                and time.monotonic() - last_addons >= addons_every:  # fmt: skip
+            last_addons = time.monotonic()  # the upgrade-addons timer (python -m node_agent upgrade-addons)
+            try:
+                agent.upgrade_addons_once()
+            except Exception as err:
+                print(json.dumps({"upgrade_addons_error": f"{type(err).__name__}: {err}"}), file=sys.stderr, flush=True)
         if (
             rc == 0
             and agent is not None
