@@ -5,7 +5,8 @@ What each check proves, and what it cannot:
 * control-plane nodes: exactly ``expect_control_plane`` nodes labelled ``node-role.kubernetes.io/control-plane``
   and every one of them Ready;
 * workers: at least ``expect_workers`` Ready nodes without that label;
-* system pods: every pod in kube-system is Running or Succeeded (the others are listed with their phase);
+* system pods: every pod in kube-system is Succeeded, or Running with every container ready (the others are
+  listed with their phase or their unready containers, e.g. ``coredns (Running, not ready: coredns CrashLoopBackOff)``);
 * CNI: the calico-node DaemonSet is scheduled and ready on every node, and the test pod gets an IP from the
   pod CIDR;
 * DNS: the kube-dns Service has a cluster IP and ready endpoints (EndpointSlices). No pre-pulled image can
@@ -135,14 +136,26 @@ def check_worker_nodes(cluster: Cluster, expected: int) -> CheckResult:
 # --- system pods, CNI, DNS ------------------------------------------------------------------------
 
 
+def _pod_problem(pod: Any) -> str | None:
+    """Why a kube-system pod is not healthy: its phase, or (Running) the containers that are not ready."""
+    phase = (pod.status.phase if pod.status else None) or "Unknown"
+    if phase == "Succeeded":
+        return None
+    if phase != "Running":
+        return phase
+    statuses = (pod.status.container_statuses if pod.status else None) or []
+    waiting = [
+        f"{s.name} {s.state.waiting.reason or 'waiting'}" if s.state and s.state.waiting else s.name
+        for s in statuses
+        if not s.ready
+    ]
+    return f"Running, not ready: {', '.join(waiting)}" if waiting else None
+
+
 def check_system_pods(cluster: Cluster) -> CheckResult:
     name = "kube-system pods running"
     pods = cluster.core.list_namespaced_pod(SYSTEM_NAMESPACE).items
-    bad = sorted(
-        f"{_name(p)} ({(p.status.phase if p.status else None) or 'Unknown'})"
-        for p in pods
-        if (p.status.phase if p.status else None) not in ("Running", "Succeeded")
-    )
+    bad = sorted(f"{_name(p)} ({problem})" for p in pods if (problem := _pod_problem(p)) is not None)
     if not pods:
         return CheckResult(name, ok=False, detail="no pods in kube-system")
     if bad:

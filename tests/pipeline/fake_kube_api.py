@@ -30,6 +30,7 @@ class Scenario:
     workers_ready: list[bool] = field(default_factory=lambda: [True, True])
     # kube-system pods beyond the healthy defaults: name -> phase
     extra_system_pods: dict[str, str] = field(default_factory=dict)
+    crashlooping_system_pods: list[str] = field(default_factory=list)  # Running, container not ready
     calico_ready: int | None = None  # None: ready on every node
     dns_service: bool = True
     dns_ready_endpoints: int = 2
@@ -75,7 +76,18 @@ class FakeKubeApi:
             "cluster-autoscaler-job-1": "Succeeded",
         }
         phases.update(self.scenario.extra_system_pods)
-        return [_pod_object(name, "kube-system", {"phase": phase}) for name, phase in phases.items()]
+        pods = []
+        for name, phase in phases.items():
+            ready = name not in self.scenario.crashlooping_system_pods
+            status: dict[str, Any] = {"phase": phase}
+            if phase == "Running":
+                state = {"running": {}} if ready else {"waiting": {"reason": "CrashLoopBackOff"}}
+                status["containerStatuses"] = [
+                    {"name": "main", "ready": ready, "restartCount": 0 if ready else 7, "state": state,
+                     "image": "registry.k8s.io/pause:3.10.1", "imageID": "sha256:0123"}
+                ]  # fmt: skip
+            pods.append(_pod_object(name, "kube-system", status))
+        return pods
 
     # --- request handling ---------------------------------------------------------------------------
 

@@ -132,6 +132,15 @@ def test_pending_system_pod_is_listed(tmp_path: Path) -> None:
     assert "kube-system pods running: 2/8 not running: coredns-5d78c9869d-zzzzz (Pending)" in run.err
 
 
+def test_a_crash_looping_system_pod_is_listed_although_its_phase_is_running(tmp_path: Path) -> None:
+    run = smoke(tmp_path, Scenario(crashlooping_system_pods=["coredns-5d78c9869d-fghij"]))
+    assert run.code == 1
+    assert run.failed() == ["kube-system pods running"]
+    assert run.table["kube-system pods running"][1] == (
+        "1/6 not running: coredns-5d78c9869d-fghij (Running, not ready: main CrashLoopBackOff)"
+    )
+
+
 def test_calico_not_ready_on_every_node_fails_the_cni_check(tmp_path: Path) -> None:
     run = smoke(tmp_path, Scenario(calico_ready=4))
     assert run.code == 1
