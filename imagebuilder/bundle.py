@@ -3,6 +3,8 @@
 Layout::
 
     lib/node_agent/...        the agent (python -m node_agent)
+    lib/node_agent/versions.json  a copy of imagebuilder/versions.json: the add-on images the agent applies
+                              are exactly the ones the images component pre-pulled into this AMI
     lib/lambdas/common/...    the shared domain code, installed beside the agent
     lib/boto3, lib/botocore, ...  boto3 and its pure-Python dependencies, vendored from the synthesizing
                               interpreter (the versions pinned in requirements.txt); botocore keeps only
@@ -26,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from imagebuilder.aws_clients import REPO_ROOT, boto3_client_calls
-from imagebuilder.versions import IMAGEBUILDER_DIR, load_versions
+from imagebuilder.versions import IMAGEBUILDER_DIR, VERSIONS_FILE, load_versions
 
 SYSTEMD_DIR = IMAGEBUILDER_DIR / "systemd"
 # What the node runs: the agent and the shared domain code (not the Lambda handlers).
@@ -69,6 +71,7 @@ def build_agent_bundle(out: Path) -> Path:
             shutil.copytree(origin, target, ignore=_IGNORE)
         else:
             shutil.copy2(origin, target)
+    shutil.copy2(VERSIONS_FILE, lib / "node_agent" / "versions.json")  # node_agent.addons reads it at run time
     services = agent_services()
     versions: dict[str, str] = {}
     for module, distribution in VENDORED.items():
