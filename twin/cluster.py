@@ -217,6 +217,9 @@ class Twin:
             "REMOVAL_DEADLINE_SECONDS": str(self.options.removal_deadline_seconds),
             "DESIRED_MEMBERS": str(self.options.control_planes),
             "DRAIN_NODES": "false",  # the twin's API server is a JSON file, not an HTTPS Kubernetes API
+            # Worker terminate hooks reach the Lambda too (twin/cluster.py: terminating): with the drain off it
+            # completes them with CONTINUE at once, as production does after the drain.
+            "WORKER_GROUP_NAMES": ",".join(self.cfg.worker_group_name(g) for g in self.cfg.worker_groups),
             "METRICS_NAMESPACE": "DedicatedK8s",
             "POWERTOOLS_METRICS_NAMESPACE": "DedicatedK8s",
             "POWERTOOLS_SERVICE_NAME": "twin",
@@ -352,11 +355,6 @@ class Twin:
             "launchHookName": self.cloud.launch_hook,
             "podCidr": "10.244.0.0/16",
             "serviceCidr": "10.96.0.0/12",
-            "kubeClientSecretName": self.cfg.kube_client_secret_name,
-            # Rendered into the termination handler's manifest only (the twin runs no pods).
-            "terminationHandlerQueueUrl": f"https://sqs.{REGION}.amazonaws.com/123456789012/"
-            f"{self.cfg.termination_handler_queue_name}",
-            "vpcCidr": "127.0.0.0/8",
         }
 
     def terminating(self, inst: Instance, group: Group, hook: Hook) -> None:
