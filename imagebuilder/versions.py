@@ -52,6 +52,7 @@ class Versions:
     cni_images: tuple[str, ...]
     cloud_controller_manager_image: str
     node_termination_handler_image: str
+    kubelet_csr_approver_image: str
 
     @property
     def kubernetes_minor(self) -> str:
@@ -76,7 +77,12 @@ class Versions:
 
     @property
     def addon_images(self) -> tuple[str, ...]:
-        return (*self.cni_images, self.cloud_controller_manager_image, self.node_termination_handler_image)
+        return (
+            *self.cni_images,
+            self.cloud_controller_manager_image,
+            self.node_termination_handler_image,
+            self.kubelet_csr_approver_image,
+        )
 
     @property
     def images(self) -> tuple[str, ...]:
@@ -139,13 +145,14 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
     pause = text("pause", _IMAGE, image, images)
     ccm = text("cloudControllerManager", _IMAGE, image, images)
     nth = text("nodeTerminationHandler", _IMAGE, image, images)
+    csr_approver = text("kubeletCsrApprover", _IMAGE, image, images)
     cni = images.get("cni")
     if not isinstance(cni, list) or not cni or not all(isinstance(i, str) and _IMAGE.match(i) for i in cni):
         problems.append(f"'images.cni' = {json.dumps(cni)}: must be a non-empty list; each entry {image}")
         cni = []
     known = {"_comment", "kubernetes", "etcd", "containerd", "runc", "cniPlugins", "crictl", "images"}
     problems.extend(f"'{key}': is not a known key ({', '.join(sorted(known))})" for key in sorted(set(raw) - known))
-    known_images = {"coredns", "pause", "cni", "cloudControllerManager", "nodeTerminationHandler"}
+    known_images = {"coredns", "pause", "cni", "cloudControllerManager", "nodeTerminationHandler", "kubeletCsrApprover"}
     problems.extend(f"'images.{key}': is not a known image key" for key in sorted(set(images) - known_images))
     if problems:
         raise VersionsError(problems)
@@ -161,6 +168,7 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
         cni_images=tuple(cni),
         cloud_controller_manager_image=ccm,
         node_termination_handler_image=nth,
+        kubelet_csr_approver_image=csr_approver,
     )
 
 

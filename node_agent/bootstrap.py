@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lambdas.common.version_skew import check_upgrade, parse_version
+from node_agent.addons import DRAINER_USER, kubectl_apply_argv, render_addons, write_addons
 from node_agent.audit import write_policy as write_audit_policy
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import Attempt, ClusterState, ClusterStateStore, LeaseRenewer, MemberRecord, Phase
@@ -245,6 +246,7 @@ class Agent:
             stored = (
                 self.secrets.holds(self.config.pki_secret_name, PKI_FILES)
                 and self.secrets.holds(self.config.etcd_client_secret_name, ETCD_CLIENT_KEYS)
+                and self.secrets.holds(self.config.kube_client_secret_name, ETCD_CLIENT_KEYS)  # same {ca, cert, key}
                 and self.secrets.holds(self.config.join_secret_name, JOIN_KEYS)
             )  # the stack creates the secrets with placeholders: "stored" means written in the agent's shape
             if attempt.phase == Phase.INITIALISING.value and stored:
@@ -302,6 +304,8 @@ class Agent:
         renewer.check()
         self.secrets.write_json(self.config.pki_secret_name, read_pki_from_disk(self.settings.pki_dir))
         self._create_lambda_client_secret()
+        self._create_drainer_client_secret()
+        self._apply_addons()  # before the join secret: a stored join secret means everything before it is done
         self._write_join_secret(token)
         members = self.etcd_for(own_tls).members([self.client_url])
         renewer.check()
@@ -316,6 +320,34 @@ class Agent:
         cert, key = self.kubeadm.create_etcd_client_cert(self.settings.state_dir / "issue", ETCD_CLIENT_CN)
         ca = (self.settings.pki_dir / "etcd" / "ca.crt").read_text()
         self.secrets.write_json(self.config.etcd_client_secret_name, {"ca": ca, "cert": cert, "key": key})
+
+    def _create_drainer_client_secret(self) -> None:
+        """The lifecycle Lambda's drain identity: a cluster-CA client certificate whose CN is the RBAC user of
+        :func:`node_agent.addons.drainer_rbac`, stored as ``{ca, cert, key}`` (the etcd client secret's shape).
+        Any failure (openssl, Secrets Manager) ends the init: the launch abandons and the next initialiser
+        begins again, so no cluster is ever marked initialised without it."""
+        cert, key = self.kubeadm.create_kube_client_cert(self.settings.state_dir / "issue", DRAINER_USER)
+        ca = (self.settings.pki_dir / "ca.crt").read_text()
+        self.secrets.write_json(self.config.kube_client_secret_name, {"ca": ca, "cert": cert, "key": key})
+
+    def _apply_addons(self) -> None:
+        """CNI, cloud controller manager, termination handler, CSR approver, drainer RBAC (:mod:`node_agent.addons`),
+        from the images pre-pulled into this AMI, with admin.conf. Retried while the new API server settles; if it
+        never succeeds the init (or restore) fails and the launch abandons."""
+        directory = write_addons(self.settings.state_dir / "addons", render_addons(self.config))
+        argv = kubectl_apply_argv(self.kubeadm.admin_conf, directory)
+        last = [""]
+
+        def applied() -> bool:
+            result = self.runner.run(argv, timeout=300)
+            last[0] = (result.stderr or result.stdout).strip()[-300:]
+            return result.ok
+
+        try:
+            self._wait("the cluster add-ons to apply", applied)
+        except AgentError as err:
+            raise AgentError(f"{err}: {last[0]}") from err
+        log(LOG, 20, "applied the cluster add-ons", directory=str(directory))
 
     def _write_join_secret(self, token: str) -> JoinSecret:
         expires = datetime.now(UTC) + timedelta(hours=24)
@@ -548,6 +580,9 @@ class Agent:
         )
         self.kubeadm.init(init_path, ignore_preflight_errors=("DirAvailable--var-lib-etcd",))
         self._wait_ready(self.lambda_client_tls, [self.client_url])
+        # The snapshot holds the add-ons already; re-applying (server-side, idempotent) pins them to the images
+        # pre-pulled on this AMI. The drainer's certificate stays valid: the cluster CA is the same.
+        self._apply_addons()
         self._write_join_secret(token)
         members = self.etcd_for(self.lambda_client_tls).members([self.client_url])
         renewer.check()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ _K8S_VERSION = re.compile(r"^1\.\d{2}\.\d{1,3}$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}$")
+_SQS_HOST = re.compile(r"^sqs\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
+_QUEUE_PATH = re.compile(r"^/\d{12}/[A-Za-z0-9_-]{1,80}$")
 
 # Keys every node needs, and keys only a control-plane node uses (a worker may omit them).
 COMMON_KEYS = (
@@ -45,6 +48,9 @@ CONTROL_PLANE_KEYS = (
     "etcdClientSecretName",
     "snapshotIntervalMinutes",
     "snapshotRetentionDays",
+    "kubeClientSecretName",
+    "terminationHandlerQueueUrl",
+    "vpcCidr",
 )
 
 
@@ -75,6 +81,11 @@ class AgentConfig:
     etcd_client_secret_name: str = ""
     snapshot_interval_minutes: int = 30
     snapshot_retention_days: int = 7
+    # The lifecycle drainer's Kubernetes client certificate ({ca, cert, key}), written by the initialiser.
+    kube_client_secret_name: str = ""
+    # The add-ons the initialiser applies (node_agent.addons): NTH's SQS queue, the CSR approver's IP prefix.
+    termination_handler_queue_url: str = ""
+    vpc_cidr: str = ""
 
     @property
     def is_control_plane(self) -> bool:
@@ -125,6 +136,9 @@ class AgentConfig:
                 "etcd_client_secret_name": p.string("etcdClientSecretName"),
                 "snapshot_interval_minutes": p.integer("snapshotIntervalMinutes", 5, 1440),
                 "snapshot_retention_days": p.integer("snapshotRetentionDays", 1, 3650),
+                "kube_client_secret_name": p.string("kubeClientSecretName"),
+                "termination_handler_queue_url": p.queue_url("terminationHandlerQueueUrl"),
+                "vpc_cidr": p.cidr("vpcCidr"),
             }
         if p.problems:
             raise AgentConfigError(p.problems)
@@ -172,6 +186,13 @@ class _Parser:
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
             self._bad(key, value, f"a whole number between {minimum} and {maximum}")
             return 0
+        return value
+
+    def queue_url(self, key: str) -> str:
+        value = self.string(key)
+        parts = urllib.parse.urlsplit(value)
+        if value and not (parts.scheme == "https" and _SQS_HOST.match(parts.netloc) and _QUEUE_PATH.match(parts.path)):
+            self._bad(key, value, "an SQS queue URL like 'https://sqs.eu-west-1.amazonaws.com/123456789012/name'")
         return value
 
     def cidr(self, key: str) -> str:

@@ -210,10 +210,20 @@ class Kubeadm:
 
     def create_etcd_client_cert(self, out_dir: Path, common_name: str, days: int = 365) -> tuple[str, str]:
         """A client certificate signed by the etcd CA (for the etcd lifecycle Lambda); returns (cert, key) PEM."""
+        return self._client_cert(out_dir, common_name, self.settings.pki_dir / "etcd", days, what="etcd")
+
+    def create_kube_client_cert(self, out_dir: Path, common_name: str, days: int = 365) -> tuple[str, str]:
+        """A Kubernetes client certificate signed by the cluster CA (``pki/ca.crt``): the API server authenticates
+        it as user ``common_name`` (no organisation, so no group: RBAC binds the user itself)."""
+        return self._client_cert(out_dir, common_name, self.settings.pki_dir, days, what="Kubernetes")
+
+    def _client_cert(self, out_dir: Path, common_name: str, ca_dir: Path, days: int, *, what: str) -> tuple[str, str]:
+        """openssl: a fresh RSA key and CSR, signed by ``ca_dir/ca.{crt,key}`` with extendedKeyUsage clientAuth."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        key, csr, crt, ext = (out_dir / f"{common_name}.{s}" for s in ("key", "csr", "crt", "ext"))
+        stem = common_name.replace(":", "-")
+        key, csr, crt, ext = (out_dir / f"{stem}.{s}" for s in ("key", "csr", "crt", "ext"))
         ext.write_text("keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n")
-        etcd_ca = self.settings.pki_dir / "etcd"
+        etcd_ca = ca_dir
         self._run(
             ["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
              "-subj", f"/CN={common_name}", "-out", str(csr)],
@@ -228,4 +238,4 @@ class Kubeadm:
         try:
             return crt.read_text(), key.read_text()
         except OSError as err:
-            raise AgentError(f"etcd client certificate was not written: {err}") from err
+            raise AgentError(f"{what} client certificate was not written: {err}") from err

@@ -14,6 +14,7 @@ from stages.etcd_lifecycle import EtcdLifecycle
 from stages.network import ClusterNetwork
 from stages.observability import AlarmTopic, ClusterObservability
 from stages.security import ClusterSecurityGroups
+from stages.termination_handler import TerminationHandlerQueue
 from stages.workers import Workers
 
 POD_CIDR = "192.168.0.0/16"
@@ -31,6 +32,8 @@ class K8sClusterStack(cdk.Stack):
         network = ClusterNetwork(self, "Network", config=config, log_bucket=state.log_bucket)
         security = ClusterSecurityGroups(self, "SecurityGroups", config=config, vpc=network.vpc)
         alarm_topic = AlarmTopic(self, "AlarmTopic", config=config, key=state.key)
+        # EC2 interruption/health events (never ASG hooks: those go to the lifecycle Lambda) for NTH's queue mode.
+        termination_handler = TerminationHandlerQueue(self, "TerminationHandler", config=config, key=state.key)
 
         agent_config: dict[str, Any] = {
             "clusterName": config.cluster_name,
@@ -42,6 +45,9 @@ class K8sClusterStack(cdk.Stack):
             "kmsKeyId": state.key.key_arn,
             "pkiSecretName": config.pki_secret_name,
             "etcdClientSecretName": config.etcd_client_secret_name,
+            "kubeClientSecretName": config.kube_client_secret_name,
+            "terminationHandlerQueueUrl": termination_handler.queue.queue_url,
+            "vpcCidr": config.vpc.cidr,
             "joinSecretName": config.join_secret_name,
             "snapshotIntervalMinutes": config.snapshot_interval_minutes,
             "snapshotRetentionDays": config.snapshot_retention_days,
@@ -114,5 +120,6 @@ class K8sClusterStack(cdk.Stack):
         self.control_plane = control_plane
         self.workers = workers
         self.lifecycle = lifecycle
+        self.termination_handler = termination_handler
         self.network = network
         self.state = state

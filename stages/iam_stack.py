@@ -98,6 +98,12 @@ CCM_TAGGED_ACTIONS = (
     "elasticloadbalancing:DeregisterTargets",
     "elasticloadbalancing:SetSecurityGroups",
 )
+# aws-node-termination-handler in queue mode: which instance/group an event names (no resource-level permissions).
+NTH_DESCRIBE_ACTIONS = (
+    "autoscaling:DescribeAutoScalingInstances",
+    "autoscaling:DescribeTags",
+    "ec2:DescribeInstances",
+)
 CCM_CREATE_ACTIONS = (
     "ec2:CreateSecurityGroup",
     "ec2:CreateTags",
@@ -358,13 +364,25 @@ class IamStack(cdk.Stack):
                 resources=["*"],
                 conditions={"StringEquals": {f"aws:RequestTag/{cluster_tag}": "owned"}},
             ),
+            # aws-node-termination-handler (queue mode, host network on control-plane nodes: this role via IMDS).
+            iam.PolicyStatement(
+                sid="TerminationHandlerQueue",
+                actions=["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
+                resources=[self._arn("sqs", config.termination_handler_queue_name)],
+            ),
+            iam.PolicyStatement(
+                sid="TerminationHandlerDescribe",
+                actions=list(NTH_DESCRIBE_ACTIONS),
+                resources=["*"],
+            ),
         ]
         policy = self._attach(self.control_plane_role, "Policy", statements)
         suppress(
             policy,
             "AwsSolutions-IAM5",
             "Resource '*' only where the API has no resource-level permissions (SSM agent channels, "
-            "ec2/autoscaling/elb Describe*, PutMetricData limited by namespace) or where a tag condition "
+            "ec2/autoscaling/elb Describe*, the termination handler's autoscaling:DescribeTags, PutMetricData "
+            "limited by namespace) or where a tag condition "
             "(kubernetes.io/cluster/<name>=owned, the cluster tag on KMS keys) scopes it",
             applies_to=_applies(
                 [

@@ -355,6 +355,11 @@ class Twin:
             "launchHookName": self.cloud.launch_hook,
             "podCidr": "10.244.0.0/16",
             "serviceCidr": "10.96.0.0/12",
+            "kubeClientSecretName": self.cfg.kube_client_secret_name,
+            # Rendered into the termination handler's manifest only (the twin runs no pods).
+            "terminationHandlerQueueUrl": f"https://sqs.{REGION}.amazonaws.com/123456789012/"
+            f"{self.cfg.termination_handler_queue_name}",
+            "vpcCidr": "127.0.0.0/8",
         }
 
     def terminating(self, inst: Instance, group: Group, hook: Hook) -> None:

@@ -61,6 +61,9 @@ def config_values(**overrides: Any) -> dict[str, Any]:
         "launchHookName": "dk8s-demo-launch",
         "podCidr": "10.244.0.0/16",
         "serviceCidr": "10.96.0.0/12",
+        "kubeClientSecretName": "dedicated-k8s/demo/lifecycle-kube-client",
+        "terminationHandlerQueueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/dk8s-demo-termination-handler",
+        "vpcCidr": "10.40.0.0/16",
     }
     values.update(overrides)
     return values

@@ -163,6 +163,7 @@ class KubeadmEmulator:
         self.fail = dict(fail or {})
         self.promote_timeout = promote_timeout
         self.calls: list[list[str]] = []
+        self.applied: list[dict[str, Any]] = []  # every document a ``kubectl apply`` sent (node_agent.addons)
         self.process: subprocess.Popen[bytes] | None = None
 
     # -- CommandRunner ----------------------------------------------------------------------------------
@@ -217,6 +218,8 @@ class KubeadmEmulator:
             with self.api.lock:
                 self.api.tokens = {t for t in self.api.tokens if not t.startswith(argv[3] + ".")}
             return ok(f'bootstrap token "{argv[3]}" deleted\n')
+        if argv[0] == "kubectl" and "apply" in argv:
+            return ok(self._apply(argv))
         if argv[0] == "kubectl" and "/readyz" in argv:
             up = self.process is not None and self.process.poll() is None and self._etcd_healthy()
             return CommandResult(tuple(argv), 0 if up else 1, "ok" if up else "", "" if up else "connection refused")
@@ -275,6 +278,31 @@ class KubeadmEmulator:
                 "data": {"ClusterConfiguration": yaml.safe_dump(cluster, sort_keys=False)},
             })  # fmt: skip
             self.api.objects[STATIC_PODS + self.node_name] = str(cluster["kubernetesVersion"])
+
+    # -- kubectl apply (the add-ons) ---------------------------------------------------------------------------
+    def _apply(self, argv: list[str]) -> str:
+        """``kubectl --kubeconfig admin.conf apply --server-side --force-conflicts -f <dir>``: the API server of a
+        control-plane node that initialised or joined; every file parses as YAML and every document names its
+        apiVersion, kind and metadata.name (what the API server would refuse otherwise)."""
+        kubeconfig = Path(argv[argv.index("--kubeconfig") + 1])
+        if kubeconfig != self.kubernetes_dir / "admin.conf" or self.api.nodes.get(self.node_name) != "control-plane":
+            raise RuntimeError(f"Unauthorized: {kubeconfig} is not this control-plane node's admin.conf")
+        if "--server-side" not in argv:
+            raise RuntimeError("the add-ons are applied server-side")
+        target = Path(argv[argv.index("-f") + 1])
+        files = sorted(target.glob("*.yaml")) if target.is_dir() else [target]
+        if not files:
+            raise RuntimeError(f"error: no objects passed to apply ({target})")
+        out = []
+        for path in files:
+            for doc in yaml.safe_load_all(path.read_text()):
+                if not doc:
+                    continue
+                if not (doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name")):
+                    raise RuntimeError(f"error: {path.name}: a document without apiVersion/kind/metadata.name")
+                self.applied.append(doc)
+                out.append(f"{doc['kind'].lower()}/{doc['metadata']['name']} serverside-applied")
+        return "\n".join(out) + "\n"
 
     # -- kubeadm init / join / reset ---------------------------------------------------------------------------
     @staticmethod

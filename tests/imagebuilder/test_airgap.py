@@ -235,6 +235,9 @@ def _agent_config(version: str) -> AgentConfig:
             "launchHookName": "dk8s-demo-launch",
             "podCidr": "10.244.0.0/16",
             "serviceCidr": "10.96.0.0/12",
+            "kubeClientSecretName": "dedicated-k8s/demo/lifecycle-kube-client",
+            "terminationHandlerQueueUrl": "https://sqs.us-east-1.amazonaws.com/123456789012/dk8s-demo-termination-handler",
+            "vpcCidr": "10.40.0.0/16",
         }
     )
 

@@ -13,7 +13,7 @@ import pytest
 
 from imagebuilder.aws_clients import REPO_ROOT, boto3_client_calls
 from imagebuilder.bundle import BundleError, agent_services, build_agent_bundle
-from imagebuilder.versions import load_versions
+from imagebuilder.versions import VERSIONS_FILE, load_versions
 
 PYTHON311 = shutil.which("python3.11") or sys.executable
 
@@ -67,6 +67,21 @@ def test_agent_and_its_boto3_clients_work_from_the_bundle_alone(bundle: Path) ->
     result = bare_python(bundle, "-c", probe)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(bundle / "lib" / "boto3"))
+
+
+def test_the_agent_renders_the_addons_with_the_images_this_ami_pre_pulls(bundle: Path) -> None:
+    # node_agent.addons reads the bundle's copy of versions.json (the images component pulled exactly these).
+    assert (bundle / "lib" / "node_agent" / "versions.json").read_bytes() == VERSIONS_FILE.read_bytes()
+    probe = (
+        "from node_agent import addons\n"
+        "print(addons.versions_file())\n"
+        "print(' '.join(addons.load_addon_images().all()))\n"
+    )
+    result = bare_python(bundle, "-c", probe)
+    assert result.returncode == 0, result.stderr
+    where, images = result.stdout.splitlines()
+    assert where == str(bundle / "lib" / "node_agent" / "versions.json")
+    assert set(images.split()) <= set(load_versions().images)
 
 
 def test_wrapper_entry_point_answers_help(bundle: Path) -> None:
