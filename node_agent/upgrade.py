@@ -171,8 +171,10 @@ class ClusterUpgrade:
 
     # -- 1. before the join: the cluster's kubeadm configuration ------------------------------------------
     def before_join(self, state: ClusterState) -> str:
-        """``same-version`` | ``already-updated`` | ``updated`` | ``updated-by-another``."""
+        """``same-version`` | ``unrecorded`` | ``already-updated`` | ``updated`` | ``updated-by-another``."""
         mine, recorded = self.version, state.kubernetes_version
+        if not recorded:  # an item from an older agent: nothing to compare with (the skew check was skipped too)
+            return "unrecorded"
         if not _newer(mine, recorded):
             return "same-version"
         seen = self._records.read().kubeadm_config_version

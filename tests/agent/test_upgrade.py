@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 
 from node_agent.config import AgentConfig
-from node_agent.election import ClusterStateStore
+from node_agent.election import ClusterState, ClusterStateStore, Phase
 from node_agent.etcd import EtcdAccess, EtcdTls, Member
 from node_agent.etcd_membership import MembershipEtcd, UnsafeRemovalError
 from node_agent.runner import CommandResult
@@ -231,3 +231,14 @@ def test_a_failed_addon_upgrade_releases_its_claim(aws: dict[str, Any], tmp_path
     record = failing.read()
     assert record.addons_holder == "" and record.addons_version == OLD
     assert _upgrade(aws, tmp_path, 1, AddonRunner()).upgrade_addons_if_ready(etcd, []) == "upgraded"
+
+
+def test_before_join_runs_no_command_for_a_same_older_or_unrecorded_cluster_version(
+    aws: dict[str, Any], tmp_path: Path
+) -> None:
+    runner = AddonRunner()
+    joiner = _upgrade(aws, tmp_path, 1, runner)
+    assert joiner.before_join(ClusterState(Phase.INITIALISED, kubernetes_version=NEW)) == "same-version"
+    assert joiner.before_join(ClusterState(Phase.INITIALISED, kubernetes_version="1.35.1")) == "same-version"
+    assert joiner.before_join(ClusterState(Phase.INITIALISED, kubernetes_version="")) == "unrecorded"
+    assert runner.calls == []
