@@ -137,6 +137,8 @@ def test_snapshots_come_from_the_leader_only_and_restore_brings_back_every_key(
     outcome = restorer.agent.run_launch()
     assert outcome.action == "restored", outcome
     assert restorer.hook.calls == [("CONTINUE", "restored")]
+    # The restore re-applies the add-ons once (server-side, idempotent: this AMI's pre-pulled images).
+    assert len([c for c in restorer.runner.calls if c[0] == "kubectl" and "apply" in c]) == 1
     restore_argv = restorer.runner.commands("etcdutl snapshot restore")
     assert len(restore_argv) == 1 and f"{cfg.cluster_name}-g2" in restore_argv[0]
     assert _get_prefix(restorer) == keys, "every key written before the snapshot is back"
@@ -149,6 +151,7 @@ def test_snapshots_come_from_the_leader_only_and_restore_brings_back_every_key(
     cluster_nodes.append(joiner)
     assert joiner.agent.run_launch().action == "joined"
     assert joiner.runner.commands("etcdutl") == []
+    assert not [c for c in joiner.runner.calls if c[0] == "kubectl" and "apply" in c], "joiners never apply add-ons"
     assert _get_prefix(joiner) == keys
 
 
