@@ -6,8 +6,9 @@
         -> Staging (IamStack, K8sClusterStack, then the quorum canary, then the smoke test)
         -> Production (manual approval, IamStack, K8sClusterStack, then the quorum canary, then the smoke test)
 
-Failures and approval waits are announced on a KMS-encrypted SNS topic through a CodeStar
-notification rule. Every CodeBuild role is scoped to what its step does; the few wildcards that AWS
+Failures and approval waits are announced on a KMS-encrypted SNS topic through EventBridge rules on the
+pipeline's own state-change events (CodeStar Notifications does not exist in GovCloud or China; EventBridge
+does, in every partition). Every CodeBuild role is scoped to what its step does; the few wildcards that AWS
 requires (describe calls without resource-level permissions) are suppressed next to the step with the
 reason.
 """
@@ -22,8 +23,9 @@ from typing import Any
 import aws_cdk as cdk
 from aws_cdk import aws_codebuild as codebuild
 from aws_cdk import aws_codecommit as codecommit
-from aws_cdk import aws_codestarnotifications as notifications
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -43,10 +45,11 @@ from stages.nag import skip_checkov, suppress
 CDK_CLI_VERSION = "2.1148.1"
 AMI_BUILD_SCRIPT = "build-k8s-ami-imagebuilder.sh"
 # Events of the pipeline that someone must hear about.
-NOTIFIED_EVENTS = (
-    "codepipeline-pipeline-pipeline-execution-failed",
-    "codepipeline-pipeline-manual-approval-needed",
-)
+# EventBridge detail-type -> the detail that makes it worth a message (failed runs; approvals waiting).
+NOTIFIED_EVENTS: dict[str, dict[str, Any]] = {
+    "CodePipeline Pipeline Execution State Change": {"state": ["FAILED"]},
+    "CodePipeline Action Execution State Change": {"state": ["STARTED"], "type": {"category": ["Approval"]}},
+}
 _RUNTIMES = {"python": "3.11", "nodejs": "20"}
 # What `python -m pipeline.smoke` and `python -m pipeline.smoke.kubeconfig` import, at requirements.txt's pins. The
 # smoke step runs inside the cluster's VPC, which has no route to a package index: the synth step downloads these
@@ -572,14 +575,14 @@ class PipelineStack(cdk.Stack):
             description=f"dedicated-k8s {self.config.cluster_name}: pipeline notifications topic",
             enable_key_rotation=True,
         )
-        # CodeStar Notifications publishes to the encrypted topic: it needs the key, through SNS only.
+        # EventBridge publishes to the encrypted topic: it needs the key, for this account's rules only.
         key.add_to_resource_policy(
             iam.PolicyStatement(
-                sid="CodeStarNotifications",
-                principals=[iam.ServicePrincipal("codestar-notifications.amazonaws.com")],
+                sid="EventBridgeNotifications",
+                principals=[iam.ServicePrincipal("events.amazonaws.com")],
                 actions=["kms:GenerateDataKey*", "kms:Decrypt"],
                 resources=["*"],
-                conditions={"StringEquals": {"kms:ViaService": f"sns.{self.region}.amazonaws.com"}},
+                conditions={"StringEquals": {"aws:SourceAccount": self.account}},
             )
         )
         topic = sns.Topic(
@@ -591,15 +594,19 @@ class PipelineStack(cdk.Stack):
         )
         for email in self.settings.notification_emails:
             topic.add_subscription(subscriptions.EmailSubscription(email))
-        notifications.NotificationRule(
-            self,
-            "PipelineNotifications",
-            notification_rule_name=f"{self.config.resource_prefix}-pipeline",
-            source=self.pipeline.pipeline,
-            events=list(NOTIFIED_EVENTS),
-            targets=[topic],
-            detail_type=notifications.DetailType.FULL,
-        )
+        for index, (detail_type, detail) in enumerate(NOTIFIED_EVENTS.items()):
+            events.Rule(
+                self,
+                f"PipelineNotification{index}",
+                rule_name=f"{self.config.resource_prefix}-pipeline-{('failed', 'approval')[index]}",
+                description=f"dedicated-k8s pipeline: {detail_type} ({detail}) to the notifications topic",
+                event_pattern=events.EventPattern(
+                    source=["aws.codepipeline"],
+                    detail_type=[detail_type],
+                    detail={"pipeline": [self.pipeline.pipeline.pipeline_name], **detail},
+                ),
+                targets=[targets.SnsTopic(topic)],
+            )
         return topic
 
     # --- policy exceptions ----------------------------------------------------------------------

@@ -322,22 +322,28 @@ def test_stages_get_their_own_cluster_configuration(default: Synthesized) -> Non
 
 def test_failures_and_approval_waits_are_notified_on_an_encrypted_topic(default: Synthesized) -> None:
     template = default.pipeline
-    template.has_resource_properties(
-        "AWS::SNS::Topic",
-        {"KmsMasterKeyId": Match.any_value(), "TopicName": "dk8s-dedicated-k8s-pipeline-notifications"},
+    topics = template.find_resources(
+        "AWS::SNS::Topic", {"Properties": {"TopicName": "dk8s-dedicated-k8s-pipeline-notifications"}}
     )
-    template.has_resource_properties(
-        "AWS::CodeStarNotifications::NotificationRule",
-        {
-            "EventTypeIds": Match.array_with(
-                [
-                    "codepipeline-pipeline-pipeline-execution-failed",
-                    "codepipeline-pipeline-manual-approval-needed",
-                ]
-            ),
-            "Targets": [{"TargetType": "SNS", "TargetAddress": Match.any_value()}],
-        },
-    )
+    assert len(topics) == 1 and "KmsMasterKeyId" in next(iter(topics.values()))["Properties"]
+    (topic_id,) = topics
+    # EventBridge, not CodeStar Notifications (which GovCloud and China do not have).
+    template.resource_count_is("AWS::CodeStarNotifications::NotificationRule", 0)
+    rules = [r["Properties"] for r in template.find_resources("AWS::Events::Rule").values()]
+    notified = {}
+    for rule in rules:
+        if [t["Arn"] for t in rule.get("Targets", [])] == [{"Ref": topic_id}]:
+            pattern = rule["EventPattern"]
+            assert pattern["source"] == ["aws.codepipeline"]
+            assert "Ref" in pattern["detail"]["pipeline"][0], "only this pipeline's events"
+            notified[pattern["detail-type"][0]] = {k: v for k, v in pattern["detail"].items() if k != "pipeline"}
+    assert notified == {
+        "CodePipeline Pipeline Execution State Change": {"state": ["FAILED"]},
+        "CodePipeline Action Execution State Change": {"state": ["STARTED"], "type": {"category": ["Approval"]}},
+    }
+    key_policies = [k["Properties"]["KeyPolicy"] for k in template.find_resources("AWS::KMS::Key").values()]
+    principals = [s.get("Principal", {}).get("Service") for p in key_policies for s in p["Statement"]]
+    assert "events.amazonaws.com" in principals, "EventBridge may encrypt for the topic"
 
 
 def test_single_account_pipeline_has_no_cross_account_key(default: Synthesized) -> None:
