@@ -180,9 +180,12 @@ class _Rollout:
         if kind == "control-plane":
             self.wait_until_settled(step)
         started = self.clock()
-        response = self.autoscaling.start_instance_refresh(
-            AutoScalingGroupName=group, Strategy="Rolling", Preferences=self.options.preferences(kind)
-        )
+        try:
+            response = self.autoscaling.start_instance_refresh(
+                AutoScalingGroupName=group, Strategy="Rolling", Preferences=self.options.preferences(kind)
+            )
+        except Exception as err:  # e.g. InstanceRefreshInProgress: another rollout (or an operator) is at work
+            raise RolloutError(step, f"could not start an instance refresh: {err}") from err
         result.refresh_id = response["InstanceRefreshId"]
         self.log(f"{step}: instance refresh {result.refresh_id} started")
         deadline = started + self.options.group_timeout_s

@@ -201,3 +201,12 @@ def test_the_program_reads_the_stack_outputs_and_invokes_the_ops_function(cluste
     assert json.loads((tmp_path / "report.json").read_text())["ok"]
     with pytest.raises(SystemExit):
         main(["--worker-min-healthy", "50", "--worker-max-healthy", "200"])
+
+
+def test_a_refresh_already_running_on_a_group_fails_the_step_without_touching_it(cluster: Cluster) -> None:
+    cluster.new_ami()
+    cluster.asg.start_instance_refresh(AutoScalingGroupName=CP[0], Preferences={})  # an operator's, still running
+    result = run(cluster.asg, cluster.status, control_plane_groups=CP, options=FAST, log=lambda _: None)
+    assert not result.ok and result.failed_step == f"control-plane {CP[0]}"
+    assert "could not start an instance refresh" in str(result.failure) and "InProgress" in str(result.failure)
+    assert cluster.asg.cancelled == [] and len(cluster.asg.refreshes) == 1
