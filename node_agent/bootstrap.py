@@ -44,6 +44,7 @@ from typing import Any
 from lambdas.common.version_skew import check_upgrade, parse_version
 from node_agent.addons import DRAINER_USER, kubectl_apply_argv, render_addons, write_addons
 from node_agent.audit import write_policy as write_audit_policy
+from node_agent.certs import CertificateTimer
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import Attempt, ClusterState, ClusterStateStore, LeaseRenewer, MemberRecord, Phase
 from node_agent.errors import AgentError, LeaseLostError, SecretUnreadableError
@@ -144,8 +145,11 @@ class Agent:
         return LaunchOutcome(True, action)
 
     def _metric(self, name: str, value: float = 1) -> None:
+        self._metric_value(name, value)
+
+    def _metric_value(self, name: str, value: float, unit: str = "Count") -> None:
         if self.metrics is not None:
-            self.metrics.put(name, value, Role=self.config.role)
+            self.metrics.put(name, value, unit, Role=self.config.role)
 
     def _time_left(self) -> float:
         return self._deadline - self.monotonic()
@@ -606,11 +610,20 @@ class Agent:
         etcdctl = self._local_etcdctl()
         snapshots = Snapshots(self.config, self.settings, self.s3, etcdctl)
         obj = snapshots.take_if_leader(state.generation, self.node_name)
+        self._report_snapshot_age(snapshots)
         if obj is None:
             return "skipped: not the etcd leader"
         self._metric("SnapshotUploaded")
         deleted = snapshots.enforce_retention()
         return f"uploaded {obj.key}; expired {len(deleted)}"
+
+    def _report_snapshot_age(self, snapshots: Snapshots) -> None:
+        """Every control-plane node reports the newest snapshot's age each interval (not only the leader, so
+        the metric survives the leader's loss); none at all is left to the BackupAge alarm's missing data."""
+        newest = snapshots.list_all()
+        if newest:
+            age = (datetime.now(UTC) - newest[-1].taken_at).total_seconds()
+            self._metric_value("LastSnapshotAgeSeconds", max(age, 0.0), unit="Seconds")
 
     def rotate_token_once(self) -> str:
         """The token timer: on the etcd leader only (one rotation per period, not one per node)."""
@@ -618,6 +631,12 @@ class Agent:
             return "skipped: not the etcd leader"
         new = rotate_join_token(self.config, self.settings, self.runner, self.secrets)
         return f"rotated: token {new.token_id} until {new.expires_at}"
+
+    def certificates_once(self) -> str:
+        """The daily certificate timer (:mod:`node_agent.certs`): every control-plane node checks and renews its
+        own certificates; only the etcd leader's node renews the Lambda's shared etcd client certificate."""
+        timer = CertificateTimer(self.config, self.settings, self.runner, self.secrets, self.metrics)
+        return timer.run_once(etcd_leader=self._local_etcdctl().is_leader()).summary()
 
     def restore_if_needed(self) -> str:
         """Operator command: run disaster recovery now, only if invariant 7's predicate holds."""

@@ -11,8 +11,9 @@ from stages.cluster_state import ClusterState
 from stages.config import ClusterConfig
 from stages.control_plane import ControlPlane
 from stages.etcd_lifecycle import EtcdLifecycle
+from stages.irsa import ServiceAccountIssuer
 from stages.network import ClusterNetwork
-from stages.observability import AlarmTopic, ClusterObservability
+from stages.observability import AlarmTopic, ClusterObservability, NodeLogGroups
 from stages.security import ClusterSecurityGroups
 from stages.termination_handler import TerminationHandlerQueue
 from stages.workers import Workers
@@ -96,7 +97,12 @@ class K8sClusterStack(cdk.Stack):
             lifecycle_function=lifecycle.lifecycle_function,
             reconciler_function=lifecycle.reconciler_function,
             dead_letter_queue=lifecycle.dead_letter_queue,
+            control_plane_groups=control_plane.groups,
+            api_target_group=control_plane.api_target_group,
+            api_load_balancer=control_plane.load_balancer,
+            state_table=state.table,
         )
+        NodeLogGroups(self, "NodeLogs", config=config, key=state.key)
 
         outputs = {
             "ClusterName": config.cluster_name,
@@ -123,3 +129,8 @@ class K8sClusterStack(cdk.Stack):
         self.termination_handler = termination_handler
         self.network = network
         self.state = state
+        # IAM Roles for Service Accounts: the issuer's public documents and the IAM OIDC provider (stages/irsa.py).
+        self.irsa: ServiceAccountIssuer | None = None
+        if config.irsa:
+            self.irsa = ServiceAccountIssuer(self, "Irsa", config=config, log_bucket=state.log_bucket)
+            self.outputs |= {key: cdk.CfnOutput(self, key, value=value) for key, value in self.irsa.outputs.items()}

@@ -121,7 +121,7 @@ class ControlPlane(Construct):
             self.groups.append(group)
             targets.append(group)
 
-        listener.add_targets(
+        self.api_target_group = listener.add_targets(
             "ControlPlane",
             port=API_PORT,
             protocol=elbv2.Protocol.TCP,

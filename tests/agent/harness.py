@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import random
 import shutil
 import socket
@@ -20,6 +22,7 @@ from node_agent.etcd import EtcdAccess, EtcdTls, Member, listening
 from node_agent.etcd_membership import MembershipEtcd
 from node_agent.instance import InstanceIdentity
 from node_agent.lifecycle import RecordingLaunchHook, Result
+from node_agent.log import Metrics
 from node_agent.runner import CommandRunner
 from node_agent.secrets import SecretStore
 from tests.agent.conftest import REGION
@@ -71,8 +74,20 @@ def build_agent(
         ec2=aws["ec2"],
         s3=aws["s3"],
         probe=probe,
+        metrics=Metrics(cfg.cluster_name, io.StringIO()),  # read back with emitted_metrics()
     )
     return agent, hook
+
+
+def emitted_metrics(agent: Agent) -> list[tuple[str, float]]:
+    """(name, value) of every EMF line the agent wrote, in order."""
+    assert agent.metrics is not None and isinstance(agent.metrics.stream, io.StringIO)
+    out = []
+    for line in agent.metrics.stream.getvalue().splitlines():
+        doc = json.loads(line)
+        name = doc["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"]
+        out.append((name, float(doc[name])))
+    return out
 
 
 class AutoScalingGroupHook(RecordingLaunchHook):

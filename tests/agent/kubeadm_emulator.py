@@ -233,6 +233,10 @@ class KubeadmEmulator:
             proc = subprocess.run(real, capture_output=True, text=True, env={**os.environ, **env, "ETCDCTL_API": "3"},
                                   timeout=timeout, check=False)  # fmt: skip
             return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+        if argv[0].endswith("/amazon-cloudwatch-agent-ctl"):
+            # The CloudWatch agent cannot run here: the start is recorded (runner.calls) and its config checked.
+            config = json.loads(Path(argv[argv.index("-c") + 1].removeprefix("file:")).read_text())
+            return ok(f"cloudwatch agent configured for {config['agent']['region']}\n")
         raise RuntimeError(f"the emulator does not know {argv[:3]}")
 
     # -- upgrades (simulated API server objects) -----------------------------------------------------------

@@ -15,7 +15,7 @@ from node_agent.election import ClusterStateStore, Phase
 from node_agent.etcd import EtcdTls
 from tests.agent.conftest import config_values
 from tests.agent.etcdctl_access import EtcdctlAccess
-from tests.agent.harness import EmulatedNode
+from tests.agent.harness import EmulatedNode, emitted_metrics
 from tests.agent.kubeadm_emulator import SimulatedApiServer
 
 pytestmark = pytest.mark.etcd
@@ -126,6 +126,11 @@ def test_snapshots_come_from_the_leader_only_and_restore_brings_back_every_key(
     head = aws["s3"].head_object(Bucket=cfg.snapshot_bucket, Key=objects[0]["Key"])
     assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == aws["kms_key_id"]
     assert head["Metadata"]["generation"] == "1" and int(head["Metadata"]["total-key"]) >= 40
+    for n in cluster_nodes:  # every node reports the newest snapshot's age, not only the leader
+        ages = [v for name, v in emitted_metrics(n.agent) if name == "LastSnapshotAgeSeconds"]
+        assert len(ages) == 1 and 0 <= ages[0] < 120, ages
+    leader_uploads = [name for n in cluster_nodes for name, _ in emitted_metrics(n.agent) if name == "SnapshotUploaded"]
+    assert leader_uploads == ["SnapshotUploaded"]
 
     # Every member dies and every instance is terminated: disaster recovery is proven necessary.
     for n in cluster_nodes:

@@ -87,7 +87,7 @@ def test_the_agent_renders_the_addons_with_the_images_this_ami_pre_pulls(bundle:
 def test_wrapper_entry_point_answers_help(bundle: Path) -> None:
     result = bare_python(bundle, "-m", "node_agent", "--help")
     assert result.returncode == 0, result.stderr
-    assert "{run,snapshot,rotate-token,restore}" in result.stdout
+    assert "{run,snapshot,rotate-token,upgrade-addons,certificates,restore}" in result.stdout
 
 
 def test_bundle_is_pure_python(bundle: Path) -> None:
