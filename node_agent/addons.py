@@ -12,8 +12,9 @@ What is applied (one file per add-on, ``kubectl apply --server-side --force-conf
   the Windows variants, and the IPIP/BGP settings we do not use.
 * ``20-aws-cloud-controller-manager.yaml``: cloud-provider-aws as a DaemonSet on control-plane nodes,
   ``hostNetwork`` (it runs before the CNI and uses the node's instance role through IMDS, hop limit 1),
-  ``--cloud-provider=aws``, ``--configure-cloud-routes=false`` (Calico encapsulates), its own service account
-  for every controller (``--use-service-account-credentials=false``: the upstream superset-role overlay).
+  ``--cloud-provider=aws``, ``--cluster-name``, ``--configure-cloud-routes=false`` (Calico encapsulates), one
+  service account for all its controllers (``--use-service-account-credentials=false``: upstream's superset-role
+  overlay).
   It initialises nodes (provider IDs, addresses, zone labels, removes the ``uninitialized`` taint), deletes
   the Node objects of terminated instances (node lifecycle) and places Service load balancers.
 * ``30-aws-node-termination-handler.yaml``: NTH in queue mode (SQS), a 2-replica Deployment on control-plane
@@ -718,7 +719,7 @@ def _control_plane_only() -> dict[str, Any]:
 # ---- AWS cloud controller manager ------------------------------------------------------------------------
 
 
-def cloud_controller_manager(images: AddonImages) -> list[dict[str, Any]]:
+def cloud_controller_manager(images: AddonImages, cfg: AgentConfig) -> list[dict[str, Any]]:
     sa = "cloud-controller-manager"
     core = [""]
     rules = [
@@ -740,6 +741,9 @@ def cloud_controller_manager(images: AddonImages) -> list[dict[str, Any]]:
         args=[
             "--v=2",
             "--cloud-provider=aws",
+            # The cluster ID in the kubernetes.io/cluster/<name> tags the control-plane role's CCM statements
+            # require (the instances carry it too; explicit, so load balancers are never tagged "kubernetes").
+            f"--cluster-name={cfg.cluster_name}",
             "--use-service-account-credentials=false",
             "--configure-cloud-routes=false",
         ],
@@ -951,7 +955,7 @@ def render_addons(cfg: AgentConfig, images: AddonImages | None = None) -> dict[s
         raise AgentError(f"the add-ons need {', '.join(missing)} in the agent configuration")
     rendered = {
         "10-calico.yaml": calico(images, cfg),
-        "20-aws-cloud-controller-manager.yaml": cloud_controller_manager(images),
+        "20-aws-cloud-controller-manager.yaml": cloud_controller_manager(images, cfg),
         "30-aws-node-termination-handler.yaml": node_termination_handler(images, cfg),
         "40-kubelet-csr-approver.yaml": kubelet_csr_approver(images, cfg),
         "50-lifecycle-drainer-rbac.yaml": drainer_rbac(),

@@ -133,7 +133,8 @@ def test_cloud_controller_manager_runs_on_control_plane_nodes_before_they_are_in
     assert {"key": "node.cloudprovider.kubernetes.io/uninitialized", "value": "true", "effect": "NoSchedule"} in (
         pod["tolerations"]
     )
-    assert "--cloud-provider=aws" in pod["containers"][0]["args"]
+    args = pod["containers"][0]["args"]
+    assert "--cloud-provider=aws" in args and "--cluster-name=demo" in args and "--configure-cloud-routes=false" in args
     binding = _one(rendered, "ClusterRoleBinding", "system:cloud-controller-manager")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "kube-system"}
