@@ -26,6 +26,7 @@ _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}$")
 _SQS_HOST = re.compile(r"^sqs\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
 _QUEUE_PATH = re.compile(r"^/\d{12}/[A-Za-z0-9_-]{1,80}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
 # Keys every node needs, and keys only a control-plane node uses (a worker may omit them).
 COMMON_KEYS = (
@@ -52,6 +53,8 @@ CONTROL_PLANE_KEYS = (
     "terminationHandlerQueueUrl",
     "vpcCidr",
 )
+# Optional, control plane only, both or neither: IRSA (node_agent/irsa.py); absent or empty = IRSA off.
+IRSA_KEYS = ("irsaIssuerUrl", "irsaBucket")
 
 
 class AgentConfigError(ValueError):
@@ -86,10 +89,17 @@ class AgentConfig:
     # The add-ons the initialiser applies (node_agent.addons): NTH's SQS queue, the CSR approver's IP prefix.
     termination_handler_queue_url: str = ""
     vpc_cidr: str = ""
+    # IRSA: the service-account issuer (API server flags) and the bucket its documents are published to.
+    irsa_issuer_url: str = ""
+    irsa_bucket: str = ""
 
     @property
     def is_control_plane(self) -> bool:
         return self.role == "control-plane"
+
+    @property
+    def irsa_enabled(self) -> bool:
+        return bool(self.irsa_issuer_url)
 
     @property
     def control_plane_endpoint(self) -> str:
@@ -139,6 +149,7 @@ class AgentConfig:
                 "kube_client_secret_name": p.string("kubeClientSecretName"),
                 "termination_handler_queue_url": p.queue_url("terminationHandlerQueueUrl"),
                 "vpc_cidr": p.cidr("vpcCidr"),
+                **p.irsa(),
             }
         if p.problems:
             raise AgentConfigError(p.problems)
@@ -194,6 +205,25 @@ class _Parser:
         if value and not (parts.scheme == "https" and _SQS_HOST.match(parts.netloc) and _QUEUE_PATH.match(parts.path)):
             self._bad(key, value, "an SQS queue URL like 'https://sqs.eu-west-1.amazonaws.com/123456789012/name'")
         return value
+
+    def irsa(self) -> dict[str, str]:
+        """``irsaIssuerUrl`` (https, no path, query or trailing slash) and ``irsaBucket``: both set, or neither."""
+        url, bucket = (self.values.get(key) or "" for key in IRSA_KEYS)
+        if not isinstance(url, str) or not isinstance(bucket, str):
+            self._bad("irsaIssuerUrl", [url, bucket], "strings (irsaIssuerUrl and irsaBucket)")
+            return {}
+        if bool(url) != bool(bucket):
+            missing = "irsaBucket" if url else "irsaIssuerUrl"
+            self.problems.append(f"'{missing}': missing (irsaIssuerUrl and irsaBucket go together; both empty = off)")
+            return {}
+        parts = urllib.parse.urlsplit(url)
+        if url and not (parts.scheme == "https" and parts.netloc and not parts.path and not parts.query):
+            self._bad(
+                "irsaIssuerUrl", url, "an https URL with no path, like 'https://<bucket>.s3.<region>.amazonaws.com'"
+            )
+        if bucket and not _BUCKET.match(bucket):
+            self._bad("irsaBucket", bucket, "an S3 bucket name (3-63 lowercase letters, digits and '-')")
+        return {"irsa_issuer_url": url, "irsa_bucket": bucket}
 
     def cidr(self, key: str) -> str:
         value = self.string(key)

@@ -24,6 +24,7 @@ from node_agent.audit import api_server_audit
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.errors import AgentError
 from node_agent.instance import InstanceIdentity
+from node_agent.irsa import api_server_extra_args, with_extra_args
 from node_agent.runner import CommandResult, CommandRunner
 from node_agent.yamlgen import dump_documents
 
@@ -73,10 +74,14 @@ def cluster_configuration(cfg: AgentConfig, ident: InstanceIdentity, settings: A
         "controlPlaneEndpoint": cfg.control_plane_endpoint,
         "certificatesDir": str(settings.pki_dir),
         "networking": {"podSubnet": cfg.pod_cidr, "serviceSubnet": cfg.service_cidr, "dnsDomain": "cluster.local"},
-        "apiServer": {
-            "certSANs": [cfg.api_endpoint, ident.private_ip, ident.node_name, "127.0.0.1", "localhost"],
-            **api_server_audit(settings.kubernetes_dir),
-        },
+        # The audit settings, then (when IRSA is on) the service-account issuer flags appended to the same extraArgs.
+        "apiServer": with_extra_args(
+            {
+                "certSANs": [cfg.api_endpoint, ident.private_ip, ident.node_name, "127.0.0.1", "localhost"],
+                **api_server_audit(settings.kubernetes_dir),
+            },
+            api_server_extra_args(cfg.irsa_issuer_url),
+        ),
         "controllerManager": {"extraArgs": _args([("cloud-provider", "external")])},
         "etcd": {
             "local": {

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from node_agent.audit import api_server_audit
+from node_agent.config import AgentConfig, AgentConfigError, AgentSettings
+from node_agent.instance import InstanceIdentity
 from node_agent.irsa import (
     DISCOVERY_KEY,
     IN_CLUSTER_ISSUER,
@@ -27,9 +30,10 @@ from node_agent.irsa import (
     read_public_key,
     with_extra_args,
 )
+from node_agent.kubeadm import init_configuration_yaml
 from node_agent.runner import SubprocessRunner
 from stages.config import IRSA_AUDIENCE, IRSA_DISCOVERY_KEY, IRSA_JWKS_KEY
-from tests.agent.conftest import REGION
+from tests.agent.conftest import REGION, config_values
 
 ISSUER = f"https://dk8s-demo-irsa-oidc-123456789012-{REGION}.s3.{REGION}.amazonaws.com"
 BUCKET = f"dk8s-demo-irsa-oidc-123456789012-{REGION}"
@@ -214,3 +218,45 @@ def test_the_irsa_args_are_appended_to_the_audit_args_never_replacing_them(tmp_p
 
 def test_the_agent_and_the_stacks_agree_on_the_two_keys_and_the_audience() -> None:
     assert (DISCOVERY_KEY, JWKS_KEY, STS_AUDIENCE) == (IRSA_DISCOVERY_KEY, IRSA_JWKS_KEY, IRSA_AUDIENCE)
+
+
+# ---- the agent configuration and the kubeadm ClusterConfiguration -------------------------------------------
+
+
+def test_the_agent_config_takes_the_issuer_and_bucket_together_or_neither() -> None:
+    off = AgentConfig.from_mapping(config_values())
+    assert (off.irsa_enabled, off.irsa_issuer_url, off.irsa_bucket) == (False, "", "")
+    assert not AgentConfig.from_mapping(config_values(irsaIssuerUrl="", irsaBucket="")).irsa_enabled
+    on = AgentConfig.from_mapping(config_values(irsaIssuerUrl=ISSUER, irsaBucket=BUCKET))
+    assert (on.irsa_enabled, on.irsa_issuer_url, on.irsa_bucket) == (True, ISSUER, BUCKET)
+    for overrides, named in (
+        ({"irsaIssuerUrl": ISSUER}, "'irsaBucket': missing"),
+        ({"irsaBucket": BUCKET}, "'irsaIssuerUrl': missing"),
+        ({"irsaIssuerUrl": ISSUER + "/", "irsaBucket": BUCKET}, "'irsaIssuerUrl'"),
+        ({"irsaIssuerUrl": ISSUER.replace("https", "http"), "irsaBucket": BUCKET}, "'irsaIssuerUrl'"),
+        ({"irsaIssuerUrl": ISSUER, "irsaBucket": "Not_A_Bucket"}, "'irsaBucket'"),
+    ):
+        with pytest.raises(AgentConfigError) as err:
+            AgentConfig.from_mapping(config_values(**overrides))
+        assert named in str(err.value)
+
+
+def test_kubeadm_init_configures_the_issuer_after_the_audit_args_only_when_irsa_is_on(tmp_path: Path) -> None:
+    ident = InstanceIdentity(instance_id="i-0abc1234def567890", private_ip="10.0.1.23", region=REGION)
+    settings = AgentSettings(kubernetes_dir=tmp_path)
+    audit = api_server_audit(tmp_path)
+
+    def api_server(**overrides: Any) -> dict[str, Any]:
+        text = init_configuration_yaml(AgentConfig.from_mapping(config_values(**overrides)), ident, settings,
+                                       "abcdef.0123456789abcdef")  # fmt: skip
+        (cluster,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "ClusterConfiguration"]
+        return dict(cluster["apiServer"])
+
+    on = api_server(irsaIssuerUrl=ISSUER, irsaBucket=BUCKET)
+    assert on["extraArgs"] == [*audit["extraArgs"], *api_server_extra_args(ISSUER)]
+    issuers = [a["value"] for a in on["extraArgs"] if a["name"] == "service-account-issuer"]
+    assert issuers == [ISSUER, IN_CLUSTER_ISSUER]
+    assert on["extraVolumes"] == audit["extraVolumes"] and "10.0.1.23" in on["certSANs"]
+    off = api_server()
+    assert off["extraArgs"] == audit["extraArgs"]
+    assert not any(a["name"].startswith(("service-account", "api-audiences")) for a in off["extraArgs"])
