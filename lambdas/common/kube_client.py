@@ -18,6 +18,7 @@ here; what to evict and when to give up is :mod:`lambdas.common.drain`.
 from __future__ import annotations
 
 import enum
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -161,7 +162,7 @@ class KubeClient:
                 raw = resp.read()
         except urllib.error.HTTPError as err:
             raise _request_error(err) from err
-        except (urllib.error.URLError, OSError, TimeoutError) as err:  # refused, DNS, TLS, timeout
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # refused, DNS, TLS, timeout, cut
             raise KubeUnavailableError(f"{method} {self.base_url}{path}: {err}") from err
         if not raw:
             return {}
