@@ -17,6 +17,7 @@ from cdk_nag import RegexAppliesTo
 from constructs import Construct
 
 from stages.config import ClusterConfig
+from stages.irsa import issuer_writer_statements
 from stages.nag import skip_checkov, suppress
 
 
@@ -375,6 +376,8 @@ class IamStack(cdk.Stack):
                 actions=list(NTH_DESCRIBE_ACTIONS),
                 resources=["*"],
             ),
+            # IRSA: the initialiser publishes the service-account issuer's two documents (stages/irsa.py).
+            *issuer_writer_statements(self, config),
         ]
         policy = self._attach(self.control_plane_role, "Policy", statements)
         suppress(

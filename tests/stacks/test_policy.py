@@ -11,6 +11,10 @@ from scripts.synth_and_check import Synthesis, run_cfn_lint, run_checkov, synthe
 pytestmark = [pytest.mark.policy, pytest.mark.xdist_group("policy")]
 
 STACKS = ("IamStack", "K8sClusterStack")
+# stages/irsa.py: the IRSA issuer bucket's two anonymously readable objects are inherent (STS reads them without
+# credentials): CKV_AWS_54, CKV_AWS_56 and CKV_AWS_70 (public policy) and CKV_AWS_145 (SSE-S3: an anonymous reader
+# cannot use KMS), skipped with that reason in each of the three cluster stacks (app, Staging, Production).
+IRSA_SKIPS = 4 * 3
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def test_checkov_fails_nothing(synthesis: Synthesis) -> None:
     passed, skipped, failed = run_checkov(Path(synthesis.outdir))
     assert failed == []
     assert passed > 100
-    assert skipped < 40  # every skip carries its reason in the resource's metadata
+    assert skipped < 40 + IRSA_SKIPS  # every skip carries its reason in the resource's metadata
 
 
 def test_cdk_nag_has_no_unsuppressed_finding(synthesis: Synthesis) -> None:
