@@ -141,6 +141,16 @@ class ClusterObservability(Construct):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
         alarm(
+            "DrainDeadlinePassed",
+            "a terminating node could not be drained within the drain deadline (PDB never allowed eviction, or the "
+            "API server was unreachable) and termination went on anyway: check the workloads it ran",
+            metric=cluster_metric("DrainDeadlinePassed", "Sum"),
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        alarm(
             "RetainedControlPlaneInstances",
             "a control-plane terminate hook was abandoned or timed out: the instance is Retained (running, outside "
             "the group's capacity) and its etcd member may remain; check the etcd lifecycle logs, then terminate it",

@@ -41,6 +41,7 @@ def _metric_names(props: dict[str, Any]) -> set[str]:
         ("LifecycleDurationNearTimeout", {"Duration"}, "GreaterThanOrEqualToThreshold", 48000),
         ("RetainedControlPlaneInstances", {"RetainedInstances"}, "GreaterThanOrEqualToThreshold", 1),
         ("RemovalAbandoned", {"RemovalAbandoned"}, "GreaterThanOrEqualToThreshold", 1),
+        ("DrainDeadlinePassed", {"DrainDeadlinePassed"}, "GreaterThanOrEqualToThreshold", 1),
         ("BackupAge", {"SnapshotUploaded"}, "LessThanThreshold", 1),
         ("ClusterStateThrottles", {"ReadThrottleEvents", "WriteThrottleEvents"}, "GreaterThanOrEqualToThreshold", 1),
         ("ClusterCaExpiry", {"ClusterCaExpiryDays"}, "LessThanThreshold", CA_EXPIRY_ALARM_DAYS),
