@@ -85,7 +85,9 @@ class ControlPlane(Construct):
                 vpc_subnets=ec2.SubnetSelection(subnets=[subnet]),
                 launch_template=template,
                 min_capacity=1,
-                max_capacity=1,
+                # 2, with desired 1: room for an instance refresh's launch-before-terminate replacement
+                # (pipeline/rollout.py, MaxHealthyPercentage 200); nothing else ever asks for a second node.
+                max_capacity=2,
                 desired_capacity=1,
                 # EC2 health checks, not the NLB's: a cluster-wide API outage (for example etcd
                 # quorum loss) must not make every group replace its node at once.
