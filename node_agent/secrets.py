@@ -101,7 +101,13 @@ class SecretStore:
                 args["KmsKeyId"] = self.kms_key_id
             if self.tags:
                 args["Tags"] = [{"Key": k, "Value": v} for k, v in self.tags.items()]
-            self.client.create_secret(**args)
+            try:
+                self.client.create_secret(**args)
+            except ClientError as create_err:
+                # Someone created it between our put and our create: it exists now, so put our value.
+                if create_err.response.get("Error", {}).get("Code") != "ResourceExistsException":
+                    raise
+                self.client.put_secret_value(SecretId=name, SecretString=text)
 
     # -- typed helpers -----------------------------------------------------------------------------
     def read_pki(self, name: str) -> dict[str, str]:

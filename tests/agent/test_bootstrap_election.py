@@ -52,6 +52,7 @@ def _trial_config(aws: dict[str, Any], trial: int) -> AgentConfig:
             pkiSecretName=f"t{trial}/pki",
             etcdClientSecretName=f"t{trial}/etcd-client",
             joinSecretName=f"t{trial}/worker-join",
+            kubeClientSecretName=f"t{trial}/lifecycle-kube-client",
         )
     )
     aws["dynamodb"].create_table(
