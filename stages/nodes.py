@@ -69,6 +69,17 @@ def node_launch_template(
     cfn = template.node.default_child
     assert isinstance(cfn, ec2.CfnLaunchTemplate)
     cfn.add_property_override("LaunchTemplateData.Placement.Tenancy", config.tenancy)
+    # Resource-name hostnames (i-....<region>.compute.internal): the instance's private DNS name is then the node
+    # name the agent registers (node_agent/instance.py), so the cloud controller manager's node addresses, the
+    # kubelet serving certificate's DNS name and kubelet-csr-approver's name check all agree on one name.
+    cfn.add_property_override(
+        "LaunchTemplateData.PrivateDnsNameOptions",
+        {
+            "HostnameType": "resource-name",
+            "EnableResourceNameDnsARecord": True,
+            "EnableResourceNameDnsAAAARecord": False,
+        },
+    )
     return template
 
 

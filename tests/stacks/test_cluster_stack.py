@@ -39,6 +39,9 @@ def test_every_launch_template_is_dedicated_imdsv2_and_encrypted(cluster_templat
         assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
         assert data["Monitoring"]["Enabled"] is True
         assert "KeyName" not in data
+        # The private DNS name is the node name (resource-name hostnames), for the CCM and the serving certificate.
+        assert data["PrivateDnsNameOptions"]["HostnameType"] == "resource-name"
+        assert data["PrivateDnsNameOptions"]["EnableResourceNameDnsARecord"] is True
         (root,) = data["BlockDeviceMappings"]
         assert root["Ebs"]["Encrypted"] is True
         assert root["Ebs"]["VolumeType"] == "gp3"
