@@ -53,6 +53,7 @@ class Versions:
     cloud_controller_manager_image: str
     node_termination_handler_image: str
     kubelet_csr_approver_image: str
+    cluster_autoscaler_image: str
 
     @property
     def kubernetes_minor(self) -> str:
@@ -82,6 +83,7 @@ class Versions:
             self.cloud_controller_manager_image,
             self.node_termination_handler_image,
             self.kubelet_csr_approver_image,
+            self.cluster_autoscaler_image,
         )
 
     @property
@@ -146,13 +148,15 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
     ccm = text("cloudControllerManager", _IMAGE, image, images)
     nth = text("nodeTerminationHandler", _IMAGE, image, images)
     csr_approver = text("kubeletCsrApprover", _IMAGE, image, images)
+    autoscaler = text("clusterAutoscaler", _IMAGE, image, images)
     cni = images.get("cni")
     if not isinstance(cni, list) or not cni or not all(isinstance(i, str) and _IMAGE.match(i) for i in cni):
         problems.append(f"'images.cni' = {json.dumps(cni)}: must be a non-empty list; each entry {image}")
         cni = []
     known = {"_comment", "kubernetes", "etcd", "containerd", "runc", "cniPlugins", "crictl", "images"}
     problems.extend(f"'{key}': is not a known key ({', '.join(sorted(known))})" for key in sorted(set(raw) - known))
-    known_images = {"coredns", "pause", "cni", "cloudControllerManager", "nodeTerminationHandler", "kubeletCsrApprover"}
+    known_images = {"coredns", "pause", "cni", "cloudControllerManager", "nodeTerminationHandler", "kubeletCsrApprover",
+                    "clusterAutoscaler"}  # fmt: skip
     problems.extend(f"'images.{key}': is not a known image key" for key in sorted(set(images) - known_images))
     if problems:
         raise VersionsError(problems)
@@ -169,6 +173,7 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
         cloud_controller_manager_image=ccm,
         node_termination_handler_image=nth,
         kubelet_csr_approver_image=csr_approver,
+        cluster_autoscaler_image=autoscaler,
     )
 
 

@@ -102,6 +102,7 @@ class AddonImages:
     cloud_controller_manager: str
     node_termination_handler: str
     kubelet_csr_approver: str
+    cluster_autoscaler: str
 
     @classmethod
     def from_versions(cls, raw: Mapping[str, Any]) -> AddonImages:
@@ -130,6 +131,7 @@ class AddonImages:
             cloud_controller_manager=single("cloudControllerManager"),
             node_termination_handler=single("nodeTerminationHandler"),
             kubelet_csr_approver=single("kubeletCsrApprover"),
+            cluster_autoscaler=single("clusterAutoscaler"),
         )
 
     def all(self) -> tuple[str, ...]:
@@ -943,6 +945,118 @@ def drainer_rbac() -> list[dict[str, Any]]:
 # ---- render / apply -----------------------------------------------------------------------------------------
 
 
+# ---- cluster-autoscaler (optional) ------------------------------------------------------------------------
+
+AUTOSCALER_DISCOVERY_TAG = "k8s.io/cluster-autoscaler/enabled"
+
+
+def autoscaler_owner_tag(cluster_name: str) -> str:
+    """The second auto-discovery tag: only this cluster's worker groups (blue/green clusters share a VPC)."""
+    return f"k8s.io/cluster-autoscaler/{cluster_name}"
+
+
+def cluster_autoscaler(images: AddonImages, cfg: AgentConfig) -> list[dict[str, Any]]:
+    """cluster-autoscaler for AWS with ASG auto-discovery: it scales the worker groups that carry both tags
+    (stages/workers.py sets them when ``clusterAutoscaler`` is on); the control-plane groups never do."""
+    name = "cluster-autoscaler"
+    # The upstream AWS example's RBAC (cluster-autoscaler/cloudprovider/aws/examples), plus the DRA read
+    # access the 1.34 autoscaler's scheduler framework lists.
+    rules = [
+        _rule([""], ["events", "endpoints"], ["create", "patch"]),
+        _rule([""], ["pods/eviction"], ["create"]),
+        _rule([""], ["pods/status"], ["update"]),
+        _rule([""], ["endpoints"], ["get", "update"], names=[name]),
+        _rule([""], ["nodes"], ["watch", "list", "get", "update"]),
+        _rule(
+            [""],
+            ["namespaces", "pods", "services", "replicationcontrollers", "persistentvolumeclaims", "persistentvolumes"],
+            ["watch", "list", "get"],
+        ),
+        _rule(["extensions"], ["replicasets", "daemonsets"], ["watch", "list", "get"]),
+        _rule(["policy"], ["poddisruptionbudgets"], ["watch", "list"]),
+        _rule(["apps"], ["statefulsets", "replicasets", "daemonsets"], ["watch", "list", "get"]),
+        _rule(
+            ["storage.k8s.io"],
+            ["storageclasses", "csinodes", "csidrivers", "csistoragecapacities", "volumeattachments"],
+            ["watch", "list", "get"],
+        ),
+        _rule(["batch", "extensions"], ["jobs"], ["get", "list", "watch", "patch"]),
+        _rule(["batch"], ["cronjobs"], ["get", "list", "watch"]),
+        _rule(["coordination.k8s.io"], ["leases"], ["create"]),
+        _rule(["coordination.k8s.io"], ["leases"], ["get", "update"], names=[name]),
+        _rule(["resource.k8s.io"], ["resourceclaims", "resourceslices", "deviceclasses"], ["get", "list", "watch"]),
+    ]
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(name),
+        "rules": [
+            _rule([""], ["configmaps"], ["create", "list", "watch"]),
+            _rule(
+                [""],
+                ["configmaps"],
+                ["delete", "get", "update", "watch"],
+                names=["cluster-autoscaler-status", "cluster-autoscaler-priority-expander"],
+            ),
+        ],
+    }
+    labels = {"app.kubernetes.io/name": name, "k8s-app": name}
+    command = [
+        "./cluster-autoscaler",
+        "--cloud-provider=aws",
+        f"--namespace={NAMESPACE}",
+        f"--node-group-auto-discovery=asg:tag={AUTOSCALER_DISCOVERY_TAG},{autoscaler_owner_tag(cfg.cluster_name)}",
+        "--balance-similar-node-groups",
+        "--expander=least-waste",
+        "--skip-nodes-with-system-pods=false",
+        "--logtostderr=true",
+        "--v=2",
+    ]
+    container = _container(
+        name,
+        images.cluster_autoscaler,
+        command=command,
+        env=_env(AWS_REGION=cfg.region, AWS_STS_REGIONAL_ENDPOINTS="regional"),
+        resources={"requests": {"cpu": "100m", "memory": "300Mi"}, "limits": {"memory": "600Mi"}},
+        securityContext={
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    )
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, **labels),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    **_control_plane_only(),
+                    "tolerations": [*CONTROL_PLANE_TOLERATIONS],
+                    "serviceAccountName": name,
+                    "priorityClassName": "system-cluster-critical",
+                    # The control-plane instance role (scoped to the worker groups) through IMDS, as NTH does.
+                    "hostNetwork": True,
+                    "dnsPolicy": "Default",
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534},
+                    "containers": [container],
+                },
+            },
+        },
+    }
+    return [
+        _service_account(name),
+        _cluster_role(name, rules),
+        _binding(name, name, _sa_subject(name)),
+        role,
+        _binding(name, name, _sa_subject(name), namespace=NAMESPACE, role_kind="Role"),
+        deployment,
+    ]
+
+
 def render_addons(cfg: AgentConfig, images: AddonImages | None = None) -> dict[str, list[dict[str, Any]]]:
     """File name -> the documents of that add-on, in apply order."""
     images = images or load_addon_images()
@@ -960,7 +1074,9 @@ def render_addons(cfg: AgentConfig, images: AddonImages | None = None) -> dict[s
         "40-kubelet-csr-approver.yaml": kubelet_csr_approver(images, cfg),
         "50-lifecycle-drainer-rbac.yaml": drainer_rbac(),
     }
-    assert tuple(rendered) == ADDON_FILES
+    if cfg.cluster_autoscaler:  # optional: only when the worker groups carry the auto-discovery tags
+        rendered["60-cluster-autoscaler.yaml"] = cluster_autoscaler(images, cfg)
+    assert tuple(rendered)[: len(ADDON_FILES)] == ADDON_FILES
     return rendered
 
 

@@ -92,6 +92,8 @@ class AgentConfig:
     # IRSA: the service-account issuer (API server flags) and the bucket its documents are published to.
     irsa_issuer_url: str = ""
     irsa_bucket: str = ""
+    # Optional: the initialiser also applies cluster-autoscaler (node_agent.addons); absent = false.
+    cluster_autoscaler: bool = False
 
     @property
     def is_control_plane(self) -> bool:
@@ -150,6 +152,7 @@ class AgentConfig:
                 "termination_handler_queue_url": p.queue_url("terminationHandlerQueueUrl"),
                 "vpc_cidr": p.cidr("vpcCidr"),
                 **p.irsa(),
+                "cluster_autoscaler": p.flag("clusterAutoscaler"),
             }
         if p.problems:
             raise AgentConfigError(p.problems)
@@ -199,6 +202,16 @@ class _Parser:
             return 0
         return value
 
+    def flag(self, key: str) -> bool:
+        """An optional boolean: absent is false; a string or number is refused (no "false" that means true)."""
+        value = self.values.get(key)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            self._bad(key, value, "true or false")
+            return False
+        return value
+
     def queue_url(self, key: str) -> str:
         value = self.string(key)
         parts = urllib.parse.urlsplit(value)
@@ -218,9 +231,7 @@ class _Parser:
             return {}
         parts = urllib.parse.urlsplit(url)
         if url and not (parts.scheme == "https" and parts.netloc and not parts.path and not parts.query):
-            self._bad(
-                "irsaIssuerUrl", url, "an https URL with no path, like 'https://<bucket>.s3.<region>.amazonaws.com'"
-            )
+            self._bad("irsaIssuerUrl", url, "an https URL with no path, query or trailing slash (the issuer bucket's)")
         if bucket and not _BUCKET.match(bucket):
             self._bad("irsaBucket", bucket, "an S3 bucket name (3-63 lowercase letters, digits and '-')")
         return {"irsa_issuer_url": url, "irsa_bucket": bucket}

@@ -55,6 +55,7 @@ class K8sClusterStack(cdk.Stack):
             "launchHookName": "dk8s-launch",
             "podCidr": POD_CIDR,
             "serviceCidr": SERVICE_CIDR,
+            **({"clusterAutoscaler": True} if config.cluster_autoscaler else {}),
         }
         control_plane = ControlPlane(
             self,

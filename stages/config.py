@@ -46,6 +46,7 @@ CONTEXT_KEYS = (
     "deployedKubernetesVersion",
     "auditLogRetentionDays",
     "irsa",
+    "clusterAutoscaler",
 )
 
 # Context keys that belong to someone else: CDK's feature flags and the pipeline's own settings.
@@ -174,6 +175,8 @@ class ClusterConfig:
     # IAM Roles for Service Accounts (stages/irsa.py, node_agent/irsa.py): the issuer bucket, the IAM OIDC
     # provider, the API server's issuer flags and the pod identity webhook. False: none of it.
     irsa: bool = True
+    # Optional cluster-autoscaler: auto-discovery tags on the worker groups, IAM scoped to them, the add-on.
+    cluster_autoscaler: bool = False
 
     @property
     def ami_is_ssm_parameter(self) -> bool:
@@ -429,6 +432,7 @@ class _Parser:
             self.bad("region", region, "must be an AWS region name such as 'us-east-1'")
         account = self.string("account")
         irsa = self.boolean("irsa", True)
+        cluster_autoscaler = self.boolean("clusterAutoscaler", False)
         if account is not None and not _ACCOUNT.match(account):
             self.bad("account", account, "must be a 12-digit AWS account ID")
         if _CLUSTER_NAME.match(cluster_name) and _REGION.match(region):
@@ -503,6 +507,7 @@ class _Parser:
             region=region,
             deployed_kubernetes_version=deployed,
             irsa=irsa,
+            cluster_autoscaler=cluster_autoscaler,
         )
 
     def _unknown_keys(self) -> list[str]:

@@ -105,6 +105,20 @@ NTH_DESCRIBE_ACTIONS = (
     "autoscaling:DescribeTags",
     "ec2:DescribeInstances",
 )
+# cluster-autoscaler (optional): reads without resource-level permissions ...
+AUTOSCALER_DESCRIBE_ACTIONS = (
+    "autoscaling:DescribeAutoScalingGroups",
+    "autoscaling:DescribeAutoScalingInstances",
+    "autoscaling:DescribeLaunchConfigurations",
+    "autoscaling:DescribeScalingActivities",
+    "autoscaling:DescribeTags",
+    "ec2:DescribeImages",
+    "ec2:DescribeInstanceTypes",
+    "ec2:DescribeLaunchTemplateVersions",
+    "ec2:GetInstanceTypesFromInstanceRequirements",
+)
+# ... and the two writes, on this cluster's worker groups only (never a control-plane group).
+AUTOSCALER_SCALE_ACTIONS = ("autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup")
 CCM_CREATE_ACTIONS = (
     "ec2:CreateSecurityGroup",
     "ec2:CreateTags",
@@ -379,6 +393,17 @@ class IamStack(cdk.Stack):
             # IRSA: the initialiser publishes the service-account issuer's two documents (stages/irsa.py).
             *issuer_writer_statements(self, config),
         ]
+        if config.cluster_autoscaler:
+            statements += [
+                iam.PolicyStatement(
+                    sid="ClusterAutoscalerDescribe", actions=list(AUTOSCALER_DESCRIBE_ACTIONS), resources=["*"]
+                ),
+                iam.PolicyStatement(
+                    sid="ClusterAutoscalerScaleWorkers",
+                    actions=list(AUTOSCALER_SCALE_ACTIONS),
+                    resources=self._group_arns(self._worker_group_names),
+                ),
+            ]
         policy = self._attach(self.control_plane_role, "Policy", statements)
         suppress(
             policy,

@@ -15,6 +15,12 @@ from stages.config import ClusterConfig
 from stages.nodes import add_lifecycle_hooks, node_launch_template
 from stages.security import ClusterSecurityGroups
 
+
+def autoscaler_discovery_tags(cluster_name: str) -> dict[str, str]:
+    """The tags node_agent.addons.cluster_autoscaler discovers worker groups by (and IAM scopes scaling to)."""
+    return {"k8s.io/cluster-autoscaler/enabled": "true", f"k8s.io/cluster-autoscaler/{cluster_name}": "owned"}
+
+
 WORKER_LAUNCH_TIMEOUT = 600  # join + kubelet registration
 WORKER_TERMINATE_TIMEOUT = 300  # cordon and drain
 
@@ -62,6 +68,10 @@ class Workers(Construct):
                 group_metrics=[autoscaling.GroupMetrics.all()],
             )
             cdk.Tags.of(group).add(ClusterConfig.ROLE_TAG_KEY, "worker", apply_to_launched_instances=True)
+            if config.cluster_autoscaler:
+                # cluster-autoscaler's ASG auto-discovery: both tags, so a blue/green neighbour's groups never match.
+                for tag, value in autoscaler_discovery_tags(config.cluster_name).items():
+                    cdk.Tags.of(group).add(tag, value, apply_to_launched_instances=False)
             add_lifecycle_hooks(
                 group,
                 launch_timeout=WORKER_LAUNCH_TIMEOUT,

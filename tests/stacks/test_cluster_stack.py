@@ -316,3 +316,34 @@ def test_alarms_watch_lambda_errors_dead_letters_abandoned_or_timed_out_hooks_me
                 metric_names.add(stat["Metric"]["MetricName"])
     assert {"Errors", "ApproximateNumberOfMessagesVisible", "RemovalAbandoned", "RetainedInstances"} <= metric_names
     assert {"EtcdMembers", "QuorumMargin"} <= metric_names
+
+
+def test_cluster_autoscaler_tags_and_scales_only_this_clusters_worker_groups(synth: Any) -> None:
+    templates = synth({"clusterAutoscaler": True})
+    cluster, iam_template = templates["K8sClusterStack"], templates["IamStack"]
+    for logical_id, group in resources(cluster, "AWS::AutoScaling::AutoScalingGroup").items():
+        tags = {t["Key"]: (t["Value"], t["PropagateAtLaunch"]) for t in group["Properties"].get("Tags", [])}
+        if "control-plane" in group["Properties"]["AutoScalingGroupName"]:
+            assert not any(k.startswith("k8s.io/cluster-autoscaler") for k in tags), logical_id
+        else:
+            assert tags["k8s.io/cluster-autoscaler/enabled"] == ("true", False)
+            assert tags["k8s.io/cluster-autoscaler/dedicated-k8s"] == ("owned", False)
+    statements = [
+        s
+        for p in resources(iam_template, "AWS::IAM::Policy").values()
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if s.get("Sid") == "ClusterAutoscalerScaleWorkers"
+    ]
+    (scale,) = statements
+    assert sorted(scale["Action"]) == [
+        "autoscaling:SetDesiredCapacity",
+        "autoscaling:TerminateInstanceInAutoScalingGroup",
+    ]
+    arns = str(scale["Resource"])
+    assert "workers-general" in arns and "control-plane" not in arns
+
+
+def test_cluster_autoscaler_is_off_by_default(cluster_template: Template, iam_template: Template) -> None:
+    for group in resources(cluster_template, "AWS::AutoScaling::AutoScalingGroup").values():
+        assert not any(t["Key"].startswith("k8s.io/cluster-autoscaler") for t in group["Properties"].get("Tags", []))
+    assert "ClusterAutoscaler" not in str(iam_template.to_json())
