@@ -40,9 +40,11 @@ FETCH_COMMAND = re.compile(
 )
 FETCH_ARGV0 = {"curl", "wget", "pip", "pip3", "dnf", "yum", "apt", "apt-get", "docker", "podman", "nerdctl", "skopeo"}
 URL = re.compile(r"\b(https?|s3|oci)://([^/\s\"'`]+)")
-# Hosts a node may reach: IMDS, itself, and AWS APIs (through the VPC endpoints).
+# Hosts a node may reach: IMDS, itself, AWS APIs (through the VPC endpoints) and in-cluster Service names (the
+# service-account issuer https://kubernetes.default.svc.cluster.local is such a name, and is never fetched).
 ALLOWED_HOST = re.compile(
-    r"^(169\.254\.169\.254|127\.0\.0\.1|localhost|\[::1\]|\{[^}]*\}|[\w.-]*amazonaws\.com)(:\d+)?$"
+    r"^(169\.254\.169\.254|127\.0\.0\.1|localhost|\[::1\]|\{[^}]*\}|[\w.-]*amazonaws\.com(\.cn)?|"
+    r"[\w-]+(\.[\w-]+)*\.svc(\.cluster\.local)?)(:\d+)?$"
 )
 IMAGE_REFERENCE = re.compile(
     r"\b((?:registry\.k8s\.io|quay\.io|public\.ecr\.aws|docker\.io|ghcr\.io)/[\w./-]+:[\w.-]+)"
@@ -84,6 +86,7 @@ def test_the_detector_catches_what_it_must() -> None:
         "ctr -n k8s.io images pull quay.io/calico/node:v3.30.3",
         "url = 'https://raw.githubusercontent.com/projectcalico/calico/v3.30.3/manifests/calico.yaml'",
         "https://8.8.8.8/",
+        "issuer = 'https://kubernetes.default.svc.evil.example.com'",
     ):
         assert fetches(bad) == [bad], bad
     for fine in (
@@ -92,6 +95,8 @@ def test_the_detector_catches_what_it_must() -> None:
         "TOKEN_URL = 'http://169.254.169.254/latest/api/token'",
         "https://sts.us-east-1.amazonaws.com/",
         "peer https://10.0.1.5:2380",
+        "issuer = 'https://kubernetes.default.svc.cluster.local'",
+        "https://dk8s-demo-irsa-oidc-123456789012-cn-north-1.s3.cn-north-1.amazonaws.com.cn",
     ):
         assert fetches(fine) == [], fine
 
@@ -110,9 +115,23 @@ def cluster_template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
     return dict(app.synth().get_stack_by_name(stack.stack_name).template)
 
 
+# Pseudo parameters inside Fn::Join parts, as deployed: a host built from them (the IRSA issuer,
+# https://<bucket>.s3.<region>.<url suffix>) is then checked whole instead of cut at the first token.
+PSEUDO_PARAMETERS = {
+    "AccountId": "123456789012",
+    "Region": "us-east-1",
+    "URLSuffix": "amazonaws.com",
+    "Partition": "aws",
+}
+PSEUDO_REF = re.compile(r'", \{"Ref": "AWS::(' + "|".join(PSEUDO_PARAMETERS) + r')"\}, "')
+
+
 def _user_data(template: dict[str, Any]) -> list[str]:
     return [
-        json.dumps(resource["Properties"]["LaunchTemplateData"]["UserData"])
+        PSEUDO_REF.sub(
+            lambda m: PSEUDO_PARAMETERS[m.group(1)],
+            json.dumps(resource["Properties"]["LaunchTemplateData"]["UserData"]),
+        )
         for resource in template["Resources"].values()
         if resource["Type"] == "AWS::EC2::LaunchTemplate"
     ]
