@@ -142,7 +142,7 @@ def test_cluster_user_data_fetches_nothing(cluster_template: dict[str, Any]) -> 
     assert len(scripts) >= 2  # control plane and workers
     for script in scripts:
         assert "systemctl start dedicated-k8s-agent.service" in script
-        assert fetches(script.replace("\\n", "\n")) == []
+        assert fetches(script.replace("\\n", "\n").replace('\\"', '"')) == []  # the script, unescaped
 
 
 def test_user_data_module_fetches_nothing() -> None:
