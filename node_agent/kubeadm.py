@@ -73,6 +73,8 @@ def cluster_configuration(cfg: AgentConfig, ident: InstanceIdentity, settings: A
         "kubernetesVersion": f"v{cfg.kubernetes_version}",
         "controlPlaneEndpoint": cfg.control_plane_endpoint,
         "certificatesDir": str(settings.pki_dir),
+        # kubeadm's default, pinned: the service-account key must be RSA for the IRSA JWKS (RS256, node_agent/irsa.py).
+        "encryptionAlgorithm": "RSA-2048",
         "networking": {"podSubnet": cfg.pod_cidr, "serviceSubnet": cfg.service_cidr, "dnsDomain": "cluster.local"},
         # The audit settings, then (when IRSA is on) the service-account issuer flags appended to the same extraArgs.
         "apiServer": with_extra_args(

@@ -35,6 +35,7 @@ from node_agent.runner import SubprocessRunner
 from stages.config import IRSA_AUDIENCE, IRSA_DISCOVERY_KEY, IRSA_JWKS_KEY
 from tests.agent.conftest import REGION, config_values
 
+TOKEN = "abcdef.0123456789abcdef"
 ISSUER = f"https://dk8s-demo-irsa-oidc-123456789012-{REGION}.s3.{REGION}.amazonaws.com"
 BUCKET = f"dk8s-demo-irsa-oidc-123456789012-{REGION}"
 
@@ -247,12 +248,14 @@ def test_kubeadm_init_configures_the_issuer_after_the_audit_args_only_when_irsa_
     audit = api_server_audit(tmp_path)
 
     def api_server(**overrides: Any) -> dict[str, Any]:
-        text = init_configuration_yaml(AgentConfig.from_mapping(config_values(**overrides)), ident, settings,
-                                       "abcdef.0123456789abcdef")  # fmt: skip
+        text = init_configuration_yaml(AgentConfig.from_mapping(config_values(**overrides)), ident, settings, TOKEN)
         (cluster,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "ClusterConfiguration"]
         return dict(cluster["apiServer"])
 
     on = api_server(irsaIssuerUrl=ISSUER, irsaBucket=BUCKET)
+    text = init_configuration_yaml(AgentConfig.from_mapping(config_values()), ident, settings, TOKEN)
+    (cluster,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "ClusterConfiguration"]
+    assert cluster["encryptionAlgorithm"] == "RSA-2048", "the service-account key stays RSA (the JWKS is RS256)"
     assert on["extraArgs"] == [*audit["extraArgs"], *api_server_extra_args(ISSUER)]
     issuers = [a["value"] for a in on["extraArgs"] if a["name"] == "service-account-issuer"]
     assert issuers == [ISSUER, IN_CLUSTER_ISSUER]
