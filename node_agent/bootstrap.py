@@ -41,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from lambdas.common.version_skew import check_upgrade, parse_version
+from lambdas.common.version_skew import VersionSkewError, check_upgrade, parse_version, worker_skew_problem
 from node_agent.addons import DRAINER_USER, kubectl_apply_argv, render_addons, write_addons
 from node_agent.audit import write_policy as write_audit_policy
 from node_agent.certs import CertificateTimer
@@ -176,6 +176,12 @@ class Agent:
         Access or decryption errors end the launch at once.
         """
         join = self._wait_for_join_secret()
+        if join.kubernetes_version:
+            problem = worker_skew_problem(join.kubernetes_version, self.config.kubernetes_version)
+            if problem is not None:
+                raise VersionSkewError(problem)  # the launch abandons with this message; nothing was written
+        else:
+            log(LOG, 30, "the join secret names no cluster version; worker version skew check skipped")
         path = self._write("kubeadm-join.yaml", join_configuration_yaml(
             self.config, self.identity, join.token, join.ca_cert_hash, control_plane=False))  # fmt: skip
         self.kubeadm.join(path)
@@ -355,8 +361,9 @@ class Agent:
 
     def _write_join_secret(self, token: str) -> JoinSecret:
         expires = datetime.now(UTC) + timedelta(hours=24)
+        # Written by the initialiser or restorer: its version is the cluster's.
         secret = JoinSecret(token, self.kubeadm.ca_cert_hash(), expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                            self.config.control_plane_endpoint)  # fmt: skip
+                            self.config.control_plane_endpoint, self.config.kubernetes_version)  # fmt: skip
         self.secrets.write_join(self.config.join_secret_name, secret)
         return secret
 
@@ -629,7 +636,8 @@ class Agent:
         """The token timer: on the etcd leader only (one rotation per period, not one per node)."""
         if not self._local_etcdctl().is_leader():
             return "skipped: not the etcd leader"
-        new = rotate_join_token(self.config, self.settings, self.runner, self.secrets)
+        cluster_version = self.store.read().kubernetes_version  # the recorded one, not this node's during a rollout
+        new = rotate_join_token(self.config, self.settings, self.runner, self.secrets, cluster_version=cluster_version)
         return f"rotated: token {new.token_id} until {new.expires_at}"
 
     def certificates_once(self) -> str:

@@ -42,12 +42,16 @@ class JoinSecret:
     ca_cert_hash: str
     expires_at: str
     api_endpoint: str
+    # The cluster's recorded Kubernetes version: workers (which may not read the cluster-state table) check their
+    # own against it before joining. "" in a secret written by an older agent: the check is skipped.
+    kubernetes_version: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"token": self.token, "caCertHash": self.ca_cert_hash, "expiresAt": self.expires_at,
-             "apiEndpoint": self.api_endpoint}
-        )  # fmt: skip
+        value = {"token": self.token, "caCertHash": self.ca_cert_hash, "expiresAt": self.expires_at,
+                 "apiEndpoint": self.api_endpoint}  # fmt: skip
+        if self.kubernetes_version:
+            value["kubernetesVersion"] = self.kubernetes_version
+        return json.dumps(value)
 
     @property
     def token_id(self) -> str:
@@ -119,7 +123,7 @@ class SecretStore:
 
     def read_join(self, name: str) -> JoinSecret:
         v = self.read_json(name, JOIN_KEYS)
-        return JoinSecret(v["token"], v["caCertHash"], v["expiresAt"], v["apiEndpoint"])
+        return JoinSecret(v["token"], v["caCertHash"], v["expiresAt"], v["apiEndpoint"], v.get("kubernetesVersion", ""))
 
     def write_join(self, name: str, secret: JoinSecret) -> None:
         self.write_json(name, json.loads(secret.to_json()))

@@ -32,6 +32,8 @@ def rotate_join_token(
     runner: CommandRunner,
     secrets: SecretStore,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    *,
+    cluster_version: str = "",
 ) -> JoinSecret:
     kubeadm = Kubeadm(runner, settings)
     try:
@@ -42,7 +44,8 @@ def rotate_join_token(
     token = generate_bootstrap_token()
     kubeadm.token_create(token, settings.bootstrap_token_ttl)
     expires = now() + timedelta(hours=_ttl_hours(settings.bootstrap_token_ttl))
-    new = JoinSecret(token, kubeadm.ca_cert_hash(), expires.strftime("%Y-%m-%dT%H:%M:%SZ"), cfg.control_plane_endpoint)
+    new = JoinSecret(token, kubeadm.ca_cert_hash(), expires.strftime("%Y-%m-%dT%H:%M:%SZ"), cfg.control_plane_endpoint,
+                     cluster_version)  # fmt: skip
     secrets.write_join(cfg.join_secret_name, new)
     log(LOG, 20, "join token rotated", token_id=new.token_id, expires_at=new.expires_at)
     if old is not None and old.token_id != new.token_id:

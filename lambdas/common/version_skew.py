@@ -67,6 +67,25 @@ def skew_problem(running: str, new: str) -> str | None:
     return None
 
 
+WORKER_RULE = (
+    "a worker runs the cluster's minor version, same or newer patch: its kubelet may never be newer than the "
+    "API server (version skew policy) and, by the AMI rule above, never older than the cluster"
+)
+
+
+def worker_skew_problem(cluster: str, worker: str) -> str | None:
+    """Why a worker of version ``worker`` may not join a cluster whose control plane runs ``cluster``, or None.
+    During a control-plane rollout a worker launched from the new AMI waits (abandons; its group retries) until
+    the cluster records the new version: workers follow the control plane, never lead it."""
+    api, kubelet = parse_version(cluster), parse_version(worker)
+    prefix = f"a Kubernetes {kubelet} worker cannot join a cluster running {api}"
+    if (kubelet.major, kubelet.minor) > (api.major, api.minor):
+        return f"{prefix}: its kubelet would be newer than the API server ({WORKER_RULE})"
+    if kubelet < api:
+        return f"{prefix}: it is older than the cluster ({WORKER_RULE})"
+    return None
+
+
 def check_upgrade(running: str, new: str) -> None:
     """Raise :class:`VersionSkewError` naming both versions and the rule unless ``new`` may join ``running``."""
     problem = skew_problem(running, new)

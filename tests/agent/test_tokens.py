@@ -68,9 +68,10 @@ def test_rotation_stores_the_new_token_before_deleting_the_old(
             return super().run(argv, **kw)
 
     runner = _kubeadm(settings, api, cls=Watching)
-    new = rotate_join_token(agent_config, settings, runner, secrets, now=lambda: NOW)
+    new = rotate_join_token(agent_config, settings, runner, secrets, now=lambda: NOW, cluster_version="1.34.2")
 
     assert BOOTSTRAP_TOKEN.match(new.token) and new.token_id != "oldtok"
+    assert new.kubernetes_version == "1.34.2", "workers check their version against the cluster's"
     assert new.expires_at == "2026-11-26T06:00:00Z"
     assert new.api_endpoint == agent_config.control_plane_endpoint
     assert new.ca_cert_hash == _ca_hash(settings.pki_dir / "ca.crt")

@@ -7,6 +7,7 @@ by failing on any such call.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,60 @@ def test_a_joined_node_never_lowers_the_version_another_node_raised(aws: dict[st
     _put_state(aws, version="1.35.1")  # another node raised it meanwhile
     agent._record_cluster_version(seen)
     assert agent.store.read().kubernetes_version == "1.35.1"
+
+
+# -- workers: the join secret carries the cluster's version (workers may not read the cluster-state table) ---
+
+
+def _worker(aws: dict[str, Any], tmp_path: Path, mine: str, join_version: str) -> tuple[Agent, RecordingLaunchHook]:
+    cfg = AgentConfig.from_mapping(config_values(role="worker", kubernetesVersion=mine))
+    join = {"token": "abcdef.0123456789abcdef", "caCertHash": "sha256:" + "0" * 64,
+            "expiresAt": "2099-01-01T00:00:00Z", "apiEndpoint": "api:6443"}  # fmt: skip
+    if join_version:
+        join["kubernetesVersion"] = join_version
+    aws["secretsmanager"].put_secret_value(SecretId=cfg.join_secret_name, SecretString=json.dumps(join))
+    agent, hook = build_agent(aws, cfg, ident=ME, settings=fast_settings(tmp_path), runner=NoCommands(),
+                              etcd_for=Touches().etcd_for, probe=Touches().probe)  # fmt: skip
+    return agent, hook
+
+
+@pytest.mark.parametrize(
+    ("cluster", "mine", "why"),
+    [
+        pytest.param("1.34.2", "1.35.0", "newer than the API server", id="worker a minor ahead"),
+        pytest.param("1.35.0", "1.34.9", "older than the cluster", id="worker a minor behind"),
+        pytest.param("1.34.2", "1.34.1", "older than the cluster", id="worker an older patch"),
+    ],
+)
+def test_an_incompatible_worker_abandons_before_running_anything(
+    aws: dict[str, Any], tmp_path: Path, cluster: str, mine: str, why: str
+) -> None:
+    agent, hook = _worker(aws, tmp_path, mine, cluster)
+    outcome = agent.run_launch()
+    assert not outcome.ok and hook.calls == [("ABANDON", outcome.reason)]
+    assert outcome.reason.startswith("VersionSkewError: ")
+    assert f"a Kubernetes {mine} worker cannot join a cluster running {cluster}" in outcome.reason
+    assert why in outcome.reason
+
+
+@pytest.mark.parametrize(("cluster", "mine"), [("1.34.2", "1.34.2"), ("1.34.2", "1.34.5"), ("", "1.36.0")])
+def test_a_compatible_worker_or_an_unversioned_secret_goes_on_to_join(
+    aws: dict[str, Any], tmp_path: Path, cluster: str, mine: str
+) -> None:
+    agent, _ = _worker(aws, tmp_path, mine, cluster)
+    outcome = agent.run_launch()
+    # It passed the guard: the first command it runs is kubeadm join (refused by NoCommands, so it abandons).
+    assert not outcome.ok and "no command may run: ['kubeadm', 'join'" in outcome.reason
+
+
+def test_the_initialiser_and_the_token_rotation_write_the_clusters_version(aws: dict[str, Any]) -> None:
+    from node_agent.secrets import JoinSecret, SecretStore
+
+    store = SecretStore(aws["secretsmanager"], kms_key_id=aws["kms_key_id"])
+    store.write_join("v/join", JoinSecret("abcdef.0123456789abcdef", "sha256:x", "t", "e", "1.34.2"))
+    assert store.read_join("v/join").kubernetes_version == "1.34.2"
+    store.write_join("v/old", JoinSecret("abcdef.0123456789abcdef", "sha256:x", "t", "e"))
+    assert "kubernetesVersion" not in json.loads(
+        aws["secretsmanager"].get_secret_value(SecretId="v/old")["SecretString"]
+    )
+    assert store.read_join("v/old").kubernetes_version == ""
