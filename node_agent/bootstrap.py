@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -441,6 +441,23 @@ class Agent:
             log(LOG, 30, "add-on upgrade step failed; the upgrade-addons timer retries", error=str(err))
             return
         log(LOG, 20, "add-on upgrade step", outcome=outcome)
+        self._publish_version_to_workers(outcome)
+
+    def _publish_version_to_workers(self, outcome: str) -> None:
+        """Once every control-plane node runs my version (the add-ons moved to it), workers of my version may
+        join: the join secret's ``kubernetesVersion`` follows (never lowered). Best effort, retried by the timer."""
+        if outcome not in ("upgraded", "addons-current"):
+            return
+        mine = self.config.kubernetes_version
+        try:
+            join = self.secrets.read_join(self.config.join_secret_name)
+            if join.kubernetes_version and parse_version(join.kubernetes_version) >= parse_version(mine):
+                return
+            self.secrets.write_join(self.config.join_secret_name, replace(join, kubernetes_version=mine))
+        except Exception as err:
+            log(LOG, 30, "could not publish the cluster version to workers", version=mine, error=str(err))
+            return
+        log(LOG, 20, "workers may now join at", version=mine, previous=join.kubernetes_version or "unrecorded")
 
     def upgrade_addons_once(self) -> str:
         """The ``upgrade-addons`` timer: upgrade the add-ons if every control-plane node runs my version."""
@@ -449,7 +466,9 @@ class Agent:
             return f"skipped: cluster is {state.phase.value}"
         self._load_lambda_client_tls()
         etcd = self.etcd_for(self.lambda_client_tls)
-        return self.upgrade.after_join(etcd, [*self._endpoints(state), self.client_url])
+        outcome = self.upgrade.after_join(etcd, [*self._endpoints(state), self.client_url])
+        self._publish_version_to_workers(outcome)
+        return outcome
 
     # -- version skew ----------------------------------------------------------------------------------
     def _check_version_skew(self, state: ClusterState) -> None:

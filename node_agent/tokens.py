@@ -44,8 +44,11 @@ def rotate_join_token(
     token = generate_bootstrap_token()
     kubeadm.token_create(token, settings.bootstrap_token_ttl)
     expires = now() + timedelta(hours=_ttl_hours(settings.bootstrap_token_ttl))
+    # The workers' version moves only when the whole control plane has (bootstrap._publish_version_to_workers):
+    # a rotation keeps it, and writes ``cluster_version`` only into a secret that had none.
+    version = old.kubernetes_version if old is not None and old.kubernetes_version else cluster_version
     new = JoinSecret(token, kubeadm.ca_cert_hash(), expires.strftime("%Y-%m-%dT%H:%M:%SZ"), cfg.control_plane_endpoint,
-                     cluster_version)  # fmt: skip
+                     version)  # fmt: skip
     secrets.write_join(cfg.join_secret_name, new)
     log(LOG, 20, "join token rotated", token_id=new.token_id, expires_at=new.expires_at)
     if old is not None and old.token_id != new.token_id:

@@ -99,3 +99,17 @@ def test_a_failed_create_leaves_the_old_token_in_place(
     assert secrets.read_join(agent_config.join_secret_name) == OLD
     assert runner.commands("kubeadm token delete") == []
     assert api.tokens == {OLD.token}
+
+
+def test_rotation_keeps_the_workers_version_until_the_whole_control_plane_moves(
+    aws: dict[str, Any], agent_config: AgentConfig, settings: AgentSettings
+) -> None:
+    secrets = SecretStore(aws["secretsmanager"], kms_key_id=aws["kms_key_id"])
+    secrets.write_join(
+        agent_config.join_secret_name, JoinSecret("oldtok.0123456789abcdef", "sha256:x", "t", "e", "1.34.2")
+    )
+    runner = _kubeadm(settings, SimulatedApiServer(tokens={"oldtok.0123456789abcdef"}))
+    # Mid-rollout the recorded version is already the new one; workers must still join at the old one.
+    new = rotate_join_token(agent_config, settings, runner, secrets, now=lambda: NOW, cluster_version="1.35.0")
+    assert new.kubernetes_version == "1.34.2"
+    assert secrets.read_join(agent_config.join_secret_name).kubernetes_version == "1.34.2"

@@ -100,10 +100,13 @@ def test_a_rolling_replacement_upgrades_the_config_once_then_the_addons_once_all
     assert api.objects[STATIC_PODS + d.identity.node_name] == f"v{NEW}"
     assert api_events(api, ADDON_UPGRADES) == [], f"{b.identity.node_name} still runs {OLD}"
     assert d.agent.upgrade_addons_once().startswith("waiting: "), "the timer waits too"
+    join_version = lambda: a.agent.secrets.read_join(a.cfg.join_secret_name).kubernetes_version  # noqa: E731
+    assert join_version() == OLD, "workers keep joining at the old version while an old control plane remains"
     _leave(b, c, aws, api)
 
     # The old node has left after the last new one joined: the upgrade-addons timer completes the upgrade.
     assert d.agent.upgrade_addons_once() == "upgraded"
+    assert join_version() == NEW, "the whole control plane moved: workers of the new version may join"
     assert c.agent.upgrade_addons_once() == "addons-current"
     events = api_events(api, ADDON_UPGRADES)
     assert [(e["node"], e["version"]) for e in events] == [(d.identity.node_name, f"v{NEW}")]
