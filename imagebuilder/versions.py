@@ -54,6 +54,7 @@ class Versions:
     node_termination_handler_image: str
     kubelet_csr_approver_image: str
     cluster_autoscaler_image: str
+    pod_identity_webhook_image: str
 
     @property
     def kubernetes_minor(self) -> str:
@@ -84,6 +85,7 @@ class Versions:
             self.node_termination_handler_image,
             self.kubelet_csr_approver_image,
             self.cluster_autoscaler_image,
+            self.pod_identity_webhook_image,
         )
 
     @property
@@ -149,6 +151,7 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
     nth = text("nodeTerminationHandler", _IMAGE, image, images)
     csr_approver = text("kubeletCsrApprover", _IMAGE, image, images)
     autoscaler = text("clusterAutoscaler", _IMAGE, image, images)
+    webhook = text("podIdentityWebhook", _IMAGE, image, images)
     cni = images.get("cni")
     if not isinstance(cni, list) or not cni or not all(isinstance(i, str) and _IMAGE.match(i) for i in cni):
         problems.append(f"'images.cni' = {json.dumps(cni)}: must be a non-empty list; each entry {image}")
@@ -156,7 +159,7 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
     known = {"_comment", "kubernetes", "etcd", "containerd", "runc", "cniPlugins", "crictl", "images"}
     problems.extend(f"'{key}': is not a known key ({', '.join(sorted(known))})" for key in sorted(set(raw) - known))
     known_images = {"coredns", "pause", "cni", "cloudControllerManager", "nodeTerminationHandler", "kubeletCsrApprover",
-                    "clusterAutoscaler"}  # fmt: skip
+                    "clusterAutoscaler", "podIdentityWebhook"}  # fmt: skip
     problems.extend(f"'images.{key}': is not a known image key" for key in sorted(set(images) - known_images))
     if problems:
         raise VersionsError(problems)
@@ -174,6 +177,7 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
         node_termination_handler_image=nth,
         kubelet_csr_approver_image=csr_approver,
         cluster_autoscaler_image=autoscaler,
+        pod_identity_webhook_image=webhook,
     )
 
 

@@ -29,6 +29,9 @@ What is applied (one file per add-on, ``kubectl apply --server-side --force-conf
   identity, user ``dedicated-k8s:lifecycle-drainer`` (its client certificate is issued by the initialiser and
   stored in Secrets Manager): nodes get/list/patch/delete, pods list, pods/eviction create, daemonsets get.
 
+With IRSA on, the initialiser adds ``60-pod-identity-webhook.yaml`` (:mod:`node_agent.pod_identity_webhook`: its serving
+certificate is issued from the cluster CA when it is applied).
+
 CoreDNS and kube-proxy are kubeadm's own add-ons (``kubeadm init`` installs them from the pre-pulled
 images); they are not duplicated here.
 

@@ -50,9 +50,11 @@ from node_agent.election import Attempt, ClusterState, ClusterStateStore, LeaseR
 from node_agent.errors import AgentError, LeaseLostError, SecretUnreadableError
 from node_agent.etcd import EtcdAccess, EtcdTls, Member, client_url_for, listening
 from node_agent.instance import InstanceIdentity
+from node_agent.irsa import IssuerPublisher
 from node_agent.kubeadm import Kubeadm, generate_bootstrap_token, init_configuration_yaml, join_configuration_yaml
 from node_agent.lifecycle import LaunchHook
 from node_agent.log import Metrics, get_logger, log
+from node_agent.pod_identity_webhook import webhook_addon
 from node_agent.recovery import GONE, describe_instance_states, disaster_recovery_needed
 from node_agent.runner import CommandRunner
 from node_agent.secrets import (
@@ -313,6 +315,7 @@ class Agent:
         self._wait_ready(own_tls, [self.client_url])
         renewer.check()
         self.secrets.write_json(self.config.pki_secret_name, read_pki_from_disk(self.settings.pki_dir))
+        self._publish_irsa_issuer()
         self._create_lambda_client_secret()
         self._create_drainer_client_secret()
         self._apply_addons()  # before the join secret: a stored join secret means everything before it is done
@@ -340,11 +343,26 @@ class Agent:
         ca = (self.settings.pki_dir / "ca.crt").read_text()
         self.secrets.write_json(self.config.kube_client_secret_name, {"ca": ca, "cert": cert, "key": key})
 
+    def _publish_irsa_issuer(self) -> None:
+        """IRSA (:mod:`node_agent.irsa`): this cluster's service-account public key as the issuer's JWKS, and the
+        discovery document, into the issuer bucket where STS reads them. A failure ends the init like any other
+        step (the launch abandons, the next initialiser begins again)."""
+        if not self.config.irsa_enabled:
+            return
+        publisher = IssuerPublisher(self.runner, self.s3, self.config.irsa_bucket, self.config.irsa_issuer_url)
+        publisher.publish(self.settings.pki_dir / "sa.pub")
+        log(LOG, 20, "published the service-account issuer documents", bucket=self.config.irsa_bucket)
+
     def _apply_addons(self) -> None:
         """CNI, cloud controller manager, termination handler, CSR approver, drainer RBAC (:mod:`node_agent.addons`),
         from the images pre-pulled into this AMI, with admin.conf. Retried while the new API server settles; if it
         never succeeds the init (or restore) fails and the launch abandons."""
-        directory = write_addons(self.settings.state_dir / "addons", render_addons(self.config))
+        rendered = render_addons(self.config)
+        if self.config.irsa_enabled:  # IRSA's pod identity webhook, its serving certificate from the cluster CA
+            issue = self.settings.state_dir / "issue"
+            rendered |= webhook_addon(self.runner, self.settings.pki_dir, issue, self.config.region)
+        directory = write_addons(self.settings.state_dir / "addons", rendered)
+        directory.chmod(0o700)  # the webhook's serving key is in there
         argv = kubectl_apply_argv(self.kubeadm.admin_conf, directory)
         last = [""]
 

@@ -57,6 +57,13 @@ class K8sClusterStack(cdk.Stack):
             "serviceCidr": SERVICE_CIDR,
             **({"clusterAutoscaler": True} if config.cluster_autoscaler else {}),
         }
+        # IAM Roles for Service Accounts (stages/irsa.py): the issuer bucket and the IAM OIDC provider; the
+        # initialising control-plane node publishes the issuer documents and configures the API server with it.
+        self.irsa: ServiceAccountIssuer | None = None
+        irsa_keys: dict[str, str] = {}
+        if config.irsa:
+            self.irsa = ServiceAccountIssuer(self, "Irsa", config=config, log_bucket=state.log_bucket)
+            irsa_keys = {"irsaIssuerUrl": self.irsa.issuer_url, "irsaBucket": self.irsa.bucket.bucket_name}
         control_plane = ControlPlane(
             self,
             "ControlPlane",
@@ -67,7 +74,7 @@ class K8sClusterStack(cdk.Stack):
             key=state.key,
             log_bucket=state.log_bucket,
             notification_topic=alarm_topic.topic,
-            agent_config=agent_config,
+            agent_config={**agent_config, **irsa_keys},
         )
         workers = Workers(
             self,
@@ -130,8 +137,5 @@ class K8sClusterStack(cdk.Stack):
         self.termination_handler = termination_handler
         self.network = network
         self.state = state
-        # IAM Roles for Service Accounts: the issuer's public documents and the IAM OIDC provider (stages/irsa.py).
-        self.irsa: ServiceAccountIssuer | None = None
-        if config.irsa:
-            self.irsa = ServiceAccountIssuer(self, "Irsa", config=config, log_bucket=state.log_bucket)
+        if self.irsa is not None:
             self.outputs |= {key: cdk.CfnOutput(self, key, value=value) for key, value in self.irsa.outputs.items()}

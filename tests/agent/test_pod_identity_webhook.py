@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from imagebuilder.versions import load_versions
 from node_agent import addons
 from node_agent import pod_identity_webhook as webhook
 from node_agent.runner import SubprocessRunner
@@ -178,3 +179,9 @@ def test_the_webhook_follows_the_add_ons_conventions() -> None:
     assert webhook.LABELS == addons.LABELS and webhook.CONTROL_PLANE_TOLERATIONS == addons.CONTROL_PLANE_TOLERATIONS
     assert webhook.CONTROL_PLANE_LABEL == addons.CONTROL_PLANE_LABEL
     assert webhook.VERSIONS_CANDIDATES == addons.VERSIONS_CANDIDATES
+
+
+def test_the_pinned_webhook_image_is_one_the_ami_pre_pulls() -> None:
+    image = webhook.load_webhook_image()
+    assert image.startswith("public.ecr.aws/eks/amazon-eks-pod-identity-webhook:v")
+    assert image in load_versions().addon_images and image in load_versions().images

@@ -151,3 +151,28 @@ def test_irsa_false_synthesizes_no_issuer_bucket_provider_grant_or_output(withou
     assert not {"IrsaIssuerUrl", "IrsaOidcProviderArn"} & set(cluster.to_json()["Outputs"])
     assert all(s.get("Sid") != "IrsaIssuerDocuments" for s in control_plane_statements(iam_stack))
     assert "irsa-oidc" not in json.dumps(iam_stack.to_json())
+
+
+def launch_template_user_data(template: Template) -> dict[str, str]:
+    return {
+        logical_id: json.dumps(lt["Properties"]["LaunchTemplateData"]["UserData"])
+        for logical_id, lt in template.find_resources("AWS::EC2::LaunchTemplate").items()
+    }
+
+
+def test_control_plane_nodes_get_the_issuer_and_its_bucket_in_their_agent_config(cluster_template: Template) -> None:
+    bucket_id, _ = issuer_bucket(cluster_template)
+    user_data = launch_template_user_data(cluster_template)
+    control_plane = {k: v for k, v in user_data.items() if k.startswith("ControlPlane")}
+    workers = {k: v for k, v in user_data.items() if k.startswith("Workers")}
+    assert control_plane and workers
+    for logical_id, text in control_plane.items():
+        assert '\\"irsaIssuerUrl\\":\\"https://' in text and '\\"irsaBucket\\":\\"' in text, logical_id
+        assert json.dumps({"Ref": bucket_id}) in text, "the bucket itself: nodes launch only once it exists"
+    for logical_id, text in workers.items():
+        assert "irsaIssuerUrl" not in text, f"{logical_id}: workers never publish the issuer documents"
+
+
+def test_irsa_false_leaves_the_agent_config_without_an_issuer(without_irsa: dict[str, Template]) -> None:
+    for logical_id, text in launch_template_user_data(without_irsa["K8sClusterStack"]).items():
+        assert "irsaIssuerUrl" not in text and "irsaBucket" not in text, logical_id
