@@ -186,7 +186,8 @@ def test_the_launch_hook_waits_for_promotion_and_abandons_if_it_never_comes(
     assert not outcome.ok and "promoted and healthy" in outcome.reason, outcome
     assert node.hook.calls == [("ABANDON", outcome.reason)]
     assert len(node.runner.commands("kubeadm join")) == 1
-    assert node.runner.process is not None and node.runner.process.poll() is None, "its learner did start"
+    # Its learner did start (etcd exits by itself, code 0, once it learns it was removed: it may be gone by now).
+    assert node.runner.process is not None and node.runner.process.poll() in (None, 0), "its learner did start"
     members = first.members()
     assert [m.name for m in members] == [first.identity.node_name], "the unpromoted learner was withdrawn"
 
