@@ -721,6 +721,33 @@ def _control_plane_only() -> dict[str, Any]:
     return {"nodeSelector": {CONTROL_PLANE_LABEL: "", "kubernetes.io/os": "linux"}}
 
 
+def _control_plane_deployment(
+    name: str, labels: Mapping[str, str], replicas: int, container: dict[str, Any], **pod: Any
+) -> dict[str, Any]:
+    """A system-critical Deployment pinned to control-plane nodes (their taints tolerated); ``pod`` adds to the
+    pod spec (affinity, host network, security context ...)."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, **labels),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": dict(labels)},
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": {
+                    **_control_plane_only(),
+                    "tolerations": [*CONTROL_PLANE_TOLERATIONS],
+                    "serviceAccountName": name,
+                    "priorityClassName": "system-cluster-critical",
+                    **pod,
+                    "containers": [container],
+                },
+            },
+        },
+    }
+
+
 # ---- AWS cloud controller manager ------------------------------------------------------------------------
 
 
@@ -852,29 +879,16 @@ def node_termination_handler(images: AddonImages, cfg: AgentConfig) -> list[dict
             "allowPrivilegeEscalation": False,
         },
     )
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(name, **labels),
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    **_control_plane_only(),
-                    "tolerations": [*CONTROL_PLANE_TOLERATIONS],
-                    "affinity": _spread(labels),
-                    "serviceAccountName": name,
-                    "priorityClassName": "system-cluster-critical",
-                    # The control-plane instance role through IMDS (hop limit 1): only host-network pods reach it.
-                    "hostNetwork": True,
-                    "dnsPolicy": "Default",  # the VPC resolver: sqs.<region>.amazonaws.com -> the VPC endpoint
-                    "containers": [container],
-                },
-            },
-        },
-    }
+    deployment = _control_plane_deployment(
+        name,
+        labels,
+        2,
+        container,
+        affinity=_spread(labels),
+        # The control-plane instance role through IMDS (hop limit 1): only host-network pods reach it.
+        hostNetwork=True,
+        dnsPolicy="Default",  # the VPC resolver: sqs.<region>.amazonaws.com -> the VPC endpoint
+    )
     return [_service_account(name), _cluster_role(name, rules), _binding(name, name, _sa_subject(name)), deployment]
 
 
@@ -908,25 +922,12 @@ def kubelet_csr_approver(images: AddonImages, cfg: AgentConfig) -> list[dict[str
             "capabilities": {"drop": ["ALL"]},
         },
     )
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(name, **labels),
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    **_control_plane_only(),
-                    "tolerations": [*CONTROL_PLANE_TOLERATIONS],
-                    "serviceAccountName": name,
-                    "priorityClassName": "system-cluster-critical",
-                    "containers": [container],
-                },
-            },
-        },
-    }
+    deployment = _control_plane_deployment(
+        name,
+        labels,
+        1,
+        container,
+    )
     return [_service_account(name), _cluster_role(name, rules), _binding(name, name, _sa_subject(name)), deployment]
 
 
@@ -1027,29 +1028,16 @@ def cluster_autoscaler(images: AddonImages, cfg: AgentConfig) -> list[dict[str, 
             "capabilities": {"drop": ["ALL"]},
         },
     )
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(name, **labels),
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    **_control_plane_only(),
-                    "tolerations": [*CONTROL_PLANE_TOLERATIONS],
-                    "serviceAccountName": name,
-                    "priorityClassName": "system-cluster-critical",
-                    # The control-plane instance role (scoped to the worker groups) through IMDS, as NTH does.
-                    "hostNetwork": True,
-                    "dnsPolicy": "Default",
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534},
-                    "containers": [container],
-                },
-            },
-        },
-    }
+    deployment = _control_plane_deployment(
+        name,
+        labels,
+        1,
+        container,
+        # The control-plane instance role (scoped to the worker groups) through IMDS, as NTH does.
+        hostNetwork=True,
+        dnsPolicy="Default",
+        securityContext={"runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534},
+    )
     return [
         _service_account(name),
         _cluster_role(name, rules),
