@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lambdas.common.etcd_client import EtcdClient, EtcdError, TlsMaterial, UnhealthyClusterError
+from lambdas.common.etcd_client import EtcdClient, EtcdError, MemberRecord, TlsMaterial, UnhealthyClusterError
 from tests.agent.kubeadm_emulator import free_loopback_ip, make_ca, make_leaf
 
 REGION = "us-east-1"
@@ -174,11 +174,29 @@ class EtcdCluster:
             time.sleep(0.1)
         raise RuntimeError(f"etcd members not healthy after {timeout}s: {names}")
 
+    def current_members(self) -> list[MemberRecord]:
+        """The membership as the leader has applied it. etcd 3.4 answers a member list from the asked member's
+        own applied state, so a follower a few milliseconds behind, or a just-removed member that has not heard
+        of its removal yet, still lists a member that is gone (seen: a test asserting a removal read the leaving
+        member's stale list). So: ask the leader, after a linearizable read that waits until it has applied
+        everything committed before it."""
+        endpoints = self.endpoints
+        for endpoint in endpoints:
+            try:
+                status = self.client.status(endpoint)
+            except EtcdError:
+                continue
+            if status.member_id and status.member_id == status.leader_id:
+                with contextlib.suppress(EtcdError):
+                    self.client.get([endpoint], "dedicated-k8s-tests/barrier")
+                    return self.client.member_list([endpoint])
+        return self.client.member_list(endpoints)
+
     def member_names(self) -> list[str]:
-        return sorted(m.name for m in self.client.member_list(self.endpoints))
+        return sorted(m.name for m in self.current_members())
 
     def voter_names(self) -> list[str]:
-        return sorted(m.name for m in self.client.member_list(self.endpoints) if not m.is_learner)
+        return sorted(m.name for m in self.current_members() if not m.is_learner)
 
     # -- faults and changes ------------------------------------------------------------------------------------------
     def kill(self, name: str) -> None:
@@ -208,7 +226,7 @@ class EtcdCluster:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.25)
-        members = self.client.member_list(self.endpoints)
+        members = self.current_members()
         initial = ",".join(f"{m.name or node.name}={m.peer_urls[0]}" for m in members if m.peer_urls)
         self.nodes[node.name] = node
         node.member_id = record.id
@@ -218,7 +236,7 @@ class EtcdCluster:
 
     def promote_when_ready(self, node: EtcdNode, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        member_id = next(m.id for m in self.client.member_list(self.endpoints) if node.peer_url in m.peer_urls)
+        member_id = next(m.id for m in self.current_members() if node.peer_url in m.peer_urls)
         while True:
             try:
                 self.client.member_promote(self.endpoints, member_id)

@@ -215,8 +215,13 @@ class EmulatedNode:
         )
 
     def members(self) -> list[Member]:
-        """The real member list, asked through this node's etcd with kubeadm's API-server client certificate."""
-        return MembershipEtcd(EtcdTls.kubeadm_apiserver_client(self.settings.pki_dir)).members([self.agent.client_url])
+        """The real member list, asked through this node's etcd with kubeadm's API-server client certificate. A
+        linearizable read first: etcd 3.4 lists members from the asked member's applied state, which may be a few
+        milliseconds behind a promotion or removal that another member served; the read waits until it is not."""
+        etcd = MembershipEtcd(EtcdTls.kubeadm_apiserver_client(self.settings.pki_dir))
+        endpoints = [self.agent.client_url]
+        etcd.client().get(endpoints, "dedicated-k8s-tests/barrier")
+        return etcd.members(endpoints)
 
     def discard(self) -> None:
         """End of test: kill this node's etcd and delete its data dir. Every etcd member preallocates a 64 MB WAL,
