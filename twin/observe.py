@@ -47,6 +47,11 @@ class Sample:
         return self.voters // 2 + 1
 
 
+def _leads(status: dict[str, Any]) -> bool:
+    """The answering member is the leader (its own ID is the leader ID it reports)."""
+    return str((status.get("header") or {}).get("member_id", "")) == str(status.get("leader", "0"))
+
+
 class EtcdObserver:
     def __init__(self, ca: str, cert: str, key: str, workdir: Path, timeout: float = 0.6) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -77,15 +82,19 @@ class EtcdObserver:
         return None if st.get("errors") or str(st.get("leader", "0")) == "0" else dict(st)
 
     def sample(self, endpoints: Sequence[str], instances: dict[str, str] | None = None) -> Sample:
+        """One sample; a sample without quorum is taken again at once and only the second one counts.
+
+        A sample is not atomic: the statuses are asked in parallel, then the member list, while a removal or a
+        leadership hand-off may commit in between (seen: "2/4 healthy" in the one sample taken as a member was
+        removed right after leadership moved off it; the writer lost nothing, etcd kept quorum throughout). A
+        real quorum loss in the twin is a majority of etcd processes dead or stopped, which lasts seconds (an
+        instance's replacement, a restore), so a second look a few milliseconds later still sees it."""
+        first = self._sample_once(endpoints, instances)
+        return first if first.quorum else self._sample_once(endpoints, instances)
+
+    def _sample_once(self, endpoints: Sequence[str], instances: dict[str, str] | None) -> Sample:
         statuses = dict(zip(endpoints, self._pool.map(self._status, endpoints), strict=True))
-        members: list[dict[str, Any]] = []
-        for url, st in statuses.items():
-            if st is not None:
-                try:
-                    members = list(self.post(url, "/v3/cluster/member/list").get("members", []))
-                    break
-                except Exception:  # noqa: S112 (another member may answer)
-                    continue
+        members = self._member_list(statuses)
         views, leader = [], ""
         leaders = {str(st.get("leader")) for st in statuses.values() if st}
         for m in members:
@@ -120,28 +129,30 @@ class EtcdObserver:
             dict(instances or {}),
         )
 
-    def members(self, endpoints: Sequence[str]) -> list[MemberView]:
-        """Full views (for convergence checks)."""
-        statuses = {u: self._status(u) for u in endpoints}
-        for url, st in statuses.items():
-            if st is None:
-                continue
+    def _member_list(self, statuses: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+        """The member list, the leader's first: etcd 3.4 lists members from the asked member's applied state, and
+        a follower (or a member just removed) may still list a member that is gone."""
+        answering = [(url, st) for url, st in statuses.items() if st is not None]
+        for url, _ in sorted(answering, key=lambda pair: not _leads(pair[1])):
             try:
-                ms = self.post(url, "/v3/cluster/member/list").get("members", [])
+                return list(self.post(url, "/v3/cluster/member/list").get("members", []))
             except Exception:  # noqa: S112 (another member may answer)
                 continue
-            return [
-                MemberView(
-                    str(m.get("ID", "")),
-                    str(m.get("name", "")),
-                    (m.get("peerURLs") or [""])[0],
-                    (m.get("clientURLs") or [""])[0],
-                    bool(m.get("isLearner", False)),
-                    self._status((m.get("clientURLs") or [""])[0]) is not None,
-                )
-                for m in ms
-            ]
         return []
+
+    def members(self, endpoints: Sequence[str]) -> list[MemberView]:
+        """Full views (for convergence checks)."""
+        return [
+            MemberView(
+                str(m.get("ID", "")),
+                str(m.get("name", "")),
+                (m.get("peerURLs") or [""])[0],
+                (m.get("clientURLs") or [""])[0],
+                bool(m.get("isLearner", False)),
+                self._status((m.get("clientURLs") or [""])[0]) is not None,
+            )
+            for m in self._member_list({u: self._status(u) for u in endpoints})
+        ]
 
     # -- keys (the canary sentinel is written by the ops Lambda; the chaos writer writes here) -------------
     def put(self, endpoints: Sequence[str], key: str, value: str) -> int:
