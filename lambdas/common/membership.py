@@ -133,13 +133,35 @@ class ClusterView:
         }
 
 
+# A key nobody writes: reading it linearizably is only a barrier.
+_READ_BARRIER_KEY = "dedicated-k8s/membership-read-barrier"
+
+
+def committed_member_list(client: EtcdClient, endpoints: Sequence[str]) -> list[MemberRecord]:
+    """The member list as of every change committed before the call.
+
+    etcd 3.4 answers a member list from the asked member's own applied state, so a follower a few milliseconds
+    behind may not list a learner just added (invariant 4a: no removal while one exists) or may still list a
+    member just removed. A linearizable read first makes that member catch up with the leader's commit index,
+    then the list is asked of the same member. If no member can serve the read (no leader right now), the plain
+    list is the answer, as before.
+    """
+    for endpoint in endpoints:
+        try:
+            client.get([endpoint], _READ_BARRIER_KEY)
+            return client.member_list([endpoint])
+        except EtcdError:
+            continue
+    return client.member_list(endpoints)
+
+
 def observe(client: EtcdClient, endpoints: Sequence[str]) -> ClusterView:
     """List the members through ``endpoints`` and measure each member's health at its own client URL.
 
     Healthy = the member answers its status with a known leader and no alarms/errors. Raises
     :class:`EtcdUnavailableError` if no endpoint answers at all.
     """
-    records = client.member_list(endpoints)
+    records = committed_member_list(client, endpoints)
 
     def probe(record: MemberRecord) -> tuple[bool, str | None, int | None]:
         for url in record.client_urls[:1]:

@@ -12,6 +12,7 @@ from lambdas.common.membership import (
     Member,
     RemovalOutcome,
     can_remove_member,
+    committed_member_list,
     find_member_for_instance,
     observe,
     quorum,
@@ -94,3 +95,22 @@ def test_two_of_five_members_leave_one_after_the_other_and_a_third_must_wait(tmp
         assert len(view.voters) == 3 and view.has_quorum
         again = remove_member_safely(cluster.client, endpoints, instance_id=nodes[0].instance_id, desired_voters=5)
         assert again.outcome is RemovalOutcome.ALREADY_GONE
+
+
+@pytest.mark.etcd
+def test_every_member_lists_a_change_committed_through_another_member_at_once(tmp_path: Path) -> None:
+    """etcd 3.4 lists members from the asked member's applied state; ``committed_member_list`` makes it catch up
+    first, so a learner added (or removed) through one member is seen through every other one right away, and a
+    member that cannot serve the read (no quorum behind it) still answers with its own list."""
+    with etcd_cluster(tmp_path, 3) as cluster:
+        first, second, third = (n.client_url for n in cluster.nodes.values())
+        for i in range(10):
+            learner = cluster.client.member_add_learner([first], [f"https://127.0.0.1:{23800 + i}"])
+            assert learner.id in {m.id for m in committed_member_list(cluster.client, [third])}
+            assert learner.id in {m.id for m in committed_member_list(cluster.client, [second])}
+            cluster.client.member_remove([first], learner.id)
+            assert learner.id not in {m.id for m in committed_member_list(cluster.client, [third])}
+        names = list(cluster.nodes)
+        cluster.kill(names[0])
+        cluster.kill(names[1])
+        assert len(committed_member_list(cluster.client, [third])) == 3
