@@ -83,6 +83,13 @@ class _Proxy(ThreadingHTTPServer):
     faults: Faults
     ddb_lock: threading.Lock
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer is an instance the twin just killed (its agent's boto3 call dies with
+        it): nothing to report. Anything else is a proxy bug and is printed as socketserver does."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Proxy

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from twin.aws import LifecycleRefusedError, MotoAws
+from twin.aws import LifecycleRefusedError, MotoAws, _Handler, _Proxy
 
 
 class RecordingBackend:
@@ -123,3 +123,23 @@ def test_moto_group_answers_carry_the_state_machines_lifecycle_states(aws: tuple
         for i in asg.describe_auto_scaling_instances(InstanceIds=ids)["AutoScalingInstances"]
     }
     assert by_group == by_instance == {ids[0]: "Terminating:Wait", ids[1]: "InService"}
+
+
+@pytest.mark.parametrize("hang_up", [BrokenPipeError, ConnectionResetError])
+def test_a_client_killed_mid_answer_is_not_reported_but_a_proxy_bug_is(
+    hang_up: type[ConnectionError], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Chaos kills instances while their agents wait on the proxy; their hang-ups must not fill the demo's output
+    with tracebacks, while any other error in the proxy still prints one."""
+    proxy = _Proxy(("127.0.0.1", 0), _Handler)
+    try:
+        for error in (hang_up("client gone"), KeyError("proxy bug")):
+            try:
+                raise error
+            except Exception:
+                proxy.handle_error(None, ("127.0.0.1", 1))
+    finally:
+        proxy.server_close()
+    err = capsys.readouterr().err
+    assert "client gone" not in err and hang_up.__name__ not in err
+    assert "KeyError: 'proxy bug'" in err
