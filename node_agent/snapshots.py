@@ -4,8 +4,14 @@ Key layout (sorts by time within a cluster): ``snapshots/<cluster>/<generation:0
 The generation is zero-padded so that lexical order is time order across restores too.
 
 etcdctl saves (a client call); status and restore are offline file operations, which etcd 3.5+ moved
-to ``etcdutl`` (the AMI ships etcd 3.6). The binary name is a parameter: the test runner maps it to
-Debian's etcdctl 3.4, which still has both subcommands with the same flags.
+to ``etcdutl`` (the AMI ships etcd 3.6, which has no ``etcdctl snapshot restore`` at all). The tests run the
+real ``etcdutl`` 3.5.30 (scripts/install-etcd.sh), whose restore flags are the same as 3.6's.
+
+A restore bumps the revision and marks it compacted (:data:`RESTORE_REVISION_BUMP`): a watcher that outlived
+the old cluster (a kubelet, a controller, an informer) then gets "required revision has been compacted" and
+re-lists, instead of being served reused revisions that hold different data (etcd's op-guide "Disaster
+recovery", and Kubernetes' "Operating etcd clusters for Kubernetes: restoring an etcd cluster", which gives
+``--bump-revision 1000000000 --mark-compacted`` for clusters restored under a running Kubernetes).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ LOG = get_logger("snapshots")
 _KEY = re.compile(r"^snapshots/(?P<cluster>[^/]+)/(?P<gen>\d+)/(?P<ts>\d{8}T\d{6}Z)-(?P<rev>\d+)\.db$")
 TS_FORMAT = "%Y%m%dT%H%M%SZ"
 
+
+# Kubernetes' documented value: larger than the writes any cluster makes between its last snapshot and a restore.
+RESTORE_REVISION_BUMP = 1_000_000_000
 
 class SnapshotError(AgentError):
     pass
@@ -110,6 +119,8 @@ class Etcdctl:
             "--initial-cluster", f"{name}={peer_url}",
             "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster-token", cluster_token,
+            "--bump-revision", str(RESTORE_REVISION_BUMP),
+            "--mark-compacted",
         ]  # fmt: skip
         self.runner.run(argv, env=self.ENV, timeout=600).check()
 

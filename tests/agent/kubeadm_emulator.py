@@ -8,8 +8,7 @@ keeps registered nodes and bootstrap tokens; "the API server answers" means "thi
 and ``kubeadm join`` checks the discovery token and CA hash against it, as kubeadm's discovery would.
 Etcd timing flags from the generated ClusterConfiguration are replaced by fast loopback values
 (``heartbeat-interval=50``, ``election-timeout=500``) so tests do not wait 2.5 s per election.
-Production's ``etcdutl`` (etcd 3.5+) is mapped to Debian's ``etcdctl`` 3.4, which has the same
-``snapshot status/restore`` subcommands.
+``etcdctl``/``etcdutl`` are the real etcd 3.5.30 binaries (scripts/install-etcd.sh), passed through unchanged.
 
 Upgrades (:mod:`node_agent.upgrade`), simulated API server objects kept in ``api.objects``:
 ``kube-system/kubeadm-config`` (init uploads its ClusterConfiguration; ``kubectl get``/``replace`` with
@@ -229,8 +228,7 @@ class KubeadmEmulator:
                 return ok(f"node/{name}\n")
             return CommandResult(tuple(argv), 1, "", f'nodes "{name}" not found')
         if argv[0] in ("openssl", "etcdctl", "etcdutl"):
-            real = ["etcdctl", *argv[1:]] if argv[0] == "etcdutl" else argv
-            proc = subprocess.run(real, capture_output=True, text=True, env={**os.environ, **env, "ETCDCTL_API": "3"},
+            proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env, "ETCDCTL_API": "3"},
                                   timeout=timeout, check=False)  # fmt: skip
             return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
         if argv[0].endswith("/amazon-cloudwatch-agent-ctl"):

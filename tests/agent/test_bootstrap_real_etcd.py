@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ from node_agent.bootstrap import LaunchOutcome
 from node_agent.config import AgentConfig
 from node_agent.election import ClusterStateStore, Phase
 from node_agent.etcd import EtcdTls
+from node_agent.snapshots import RESTORE_REVISION_BUMP
 from tests.agent.conftest import config_values
 from tests.agent.etcdctl_access import EtcdctlAccess
 from tests.agent.harness import EmulatedNode, emitted_metrics
@@ -155,6 +157,14 @@ def test_snapshots_come_from_the_leader_only_and_restore_brings_back_every_key(
     state = ClusterStateStore(aws["dynamodb"], cfg.cluster_state_table).read()
     assert (state.phase, state.generation) == (Phase.INITIALISED, 2)
     assert [m.instance_id for m in state.last_membership] == [restorer.identity.instance_id]
+    # --bump-revision/--mark-compacted (etcd's op-guide "Disaster recovery"; Kubernetes' "Operating etcd clusters
+    # for Kubernetes", restoring): revisions never go backwards across a restore and the old ones read as
+    # compacted, so a watcher that outlived the old cluster re-lists instead of reading reused revisions.
+    url = restorer.agent.client_url
+    status = json.loads(restorer.runner.etcdctl([url], "endpoint", "status", "-w", "json").stdout)
+    assert status[0]["Status"]["header"]["revision"] > RESTORE_REVISION_BUMP
+    old = restorer.runner.etcdctl([url], "get", "/registry/test/", "--prefix", "--rev", "2")
+    assert old.returncode != 0 and "compacted" in old.stderr, (old.returncode, old.stderr)
 
     # The others join the restored cluster (never a second restore).
     joiner = EmulatedNode(aws, tmp_path, api, cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "1")
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

@@ -132,7 +132,7 @@ def test_npx_cdk_synth_works_offline_without_credentials(tmp_path: Path) -> None
         pytest.fail("node_modules/.bin/cdk is missing: run `make setup` (npm ci)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["AWS_EC2_METADATA_DISABLED"] = "true"
-    env["JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION"] = "1"
+    env["JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION"] = "20"
     npx = shutil.which("npx")
     assert npx is not None
     started = time.monotonic()
