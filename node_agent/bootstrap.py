@@ -52,7 +52,7 @@ from node_agent.etcd import EtcdAccess, EtcdTls, Member, client_url_for, listeni
 from node_agent.instance import InstanceIdentity
 from node_agent.irsa import IssuerPublisher
 from node_agent.kubeadm import Kubeadm, generate_bootstrap_token, init_configuration_yaml, join_configuration_yaml
-from node_agent.lifecycle import LaunchHook
+from node_agent.lifecycle import LaunchHook, LaunchHookHeartbeat
 from node_agent.log import Metrics, get_logger, log
 from node_agent.pod_identity_webhook import webhook_addon
 from node_agent.recovery import GONE, describe_instance_states, disaster_recovery_needed
@@ -131,10 +131,16 @@ class Agent:
 
     # -- entry point --------------------------------------------------------------------------------
     def run_launch(self) -> LaunchOutcome:
-        """Bootstrap this node, then CONTINUE the launch hook; on any failure ABANDON with the reason."""
+        """Bootstrap this node, then CONTINUE the launch hook; on any failure ABANDON with the reason.
+
+        The launch heartbeats the hook while it works (its timeout is shorter than the launch deadline); the
+        heartbeats stop before the hook is completed (:class:`~node_agent.lifecycle.LaunchHookHeartbeat`).
+        """
         self._deadline = self.monotonic() + self.settings.join_deadline_seconds
         try:
-            action = self._launch_control_plane() if self.config.is_control_plane else self._launch_worker()
+            with LaunchHookHeartbeat(self.hook, self.settings.heartbeat_interval_seconds,
+                                     stop_after_seconds=self.settings.join_deadline_seconds):  # fmt: skip
+                action = self._launch_control_plane() if self.config.is_control_plane else self._launch_worker()
         except Exception as err:  # every failure ends the launch the same way: ABANDON, reason logged
             reason = f"{type(err).__name__}: {err}"
             log(LOG, 40, "launch failed; abandoning", instance_id=self.me, role=self.config.role, reason=reason)

@@ -259,9 +259,14 @@ class AgentSettings:
     lease_seconds: float = 60.0
     renew_interval_seconds: float = 15.0
     poll_interval_seconds: float = 5.0
-    # How long a node may wait/try before it abandons its launch (the launch hook timeout is longer).
-    join_deadline_seconds: float = 1500.0
+    # How long a node may wait/try before it abandons its launch. It covers kubeadm join's worst case
+    # (node_agent/kubeadm.py JOIN_TIMEOUTS, 29 min) plus one health wait (10 min): 2340 s < 2700 s. It is longer
+    # than the launch hook's heartbeat timeout (600/900 s), so the launch heartbeats the hook (lifecycle.py).
+    join_deadline_seconds: float = 2700.0
     health_timeout_seconds: float = 600.0
+    # Launch hook heartbeats: at most a third of the shortest hook timeout (workers' 600 s), so two lost heartbeats
+    # in a row still leave the third in time (tests/stacks/test_launch_timeouts.py reads both from the template).
+    heartbeat_interval_seconds: float = 150.0
     # Snapshots: always keep this many newest objects, whatever their age.
     snapshot_keep_newest: int = 3
     bootstrap_token_ttl: str = "24h"  # noqa: S105 (a duration, not a secret)
