@@ -260,7 +260,7 @@ class AgentSettings:
     renew_interval_seconds: float = 15.0
     poll_interval_seconds: float = 5.0
     # How long a node may wait/try before it abandons its launch. It covers kubeadm join's worst case
-    # (node_agent/kubeadm.py JOIN_TIMEOUTS, 29 min) plus one health wait (10 min): 2340 s < 2700 s. It is longer
+    # (node_agent/kubeadm.py JOIN_TIMEOUTS_SECONDS, 31 min) plus one health wait (10 min): 2460 s < 2700 s. It is longer
     # than the launch hook's heartbeat timeout (600/900 s), so the launch heartbeats the hook (lifecycle.py).
     join_deadline_seconds: float = 2700.0
     health_timeout_seconds: float = 600.0

@@ -40,6 +40,27 @@ ETCD_EXTRA_ARGS = (
     ("auto-compaction-mode", "periodic"),
     ("auto-compaction-retention", "8h"),
 )
+# JoinConfiguration ``timeouts`` (kubeadm.k8s.io/v1beta4 Timeouts, "kubeadm Configuration (v1beta4)" on
+# kubernetes.io; kubeadm's defaults in brackets). A control-plane joiner's etcd learner is promoted only once it
+# has caught up with the leader, and kubeadm retries the promotion for at most etcdAPICall [2m]: a learner that
+# must receive a multi-GB database as a snapshot needs longer, so 10m. The others keep kubeadm's defaults.
+JOIN_TIMEOUTS_SECONDS: tuple[tuple[str, int, int], ...] = (  # (field, seconds, how many waits of it one join has)
+    ("discovery", 300, 1),  # [5m] token discovery of the cluster CA through controlPlaneEndpoint
+    ("tlsBootstrap", 300, 1),  # [5m] the kubelet's TLS bootstrap
+    ("etcdAPICall", 600, 1),  # [2m] the learner's catch-up and promotion
+    ("kubeletHealthCheck", 240, 1),  # [4m] the kubelet's /healthz
+    ("controlPlaneComponentHealthCheck", 240, 1),  # [4m] the new static pods (wait-control-plane)
+    ("kubernetesAPICall", 60, 3),  # [1m] per call: read kubeadm-config, read kubelet-config, mark-control-plane
+)
+# Worst case of one ``kubeadm join`` (each wait runs to its timeout, one after the other):
+# 300 + 300 + 600 + 240 + 240 + 3 x 60 = 1860 s (31 min). With the agent's health wait after it (600 s): 2460 s,
+# inside AgentSettings.join_deadline_seconds (2700 s). The join's subprocess timeout is this plus a minute.
+KUBEADM_JOIN_WORST_CASE_SECONDS = sum(seconds * waits for _, seconds, waits in JOIN_TIMEOUTS_SECONDS)
+
+
+def _duration(seconds: int) -> str:
+    """A metav1.Duration as kubeadm prints one: 600 -> ``10m0s``."""
+    return f"{seconds // 60}m{seconds % 60}s"
 
 
 def _args(pairs: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -134,7 +155,7 @@ def join_configuration_yaml(
             }
         },
         "nodeRegistration": _node_registration(ident),
-        "timeouts": {"discovery": "5m0s", "tlsBootstrap": "5m0s"},
+        "timeouts": {name: _duration(seconds) for name, seconds, _ in JOIN_TIMEOUTS_SECONDS},
     }
     if control_plane:
         join["controlPlane"] = {"localAPIEndpoint": {"advertiseAddress": ident.private_ip, "bindPort": cfg.api_port}}
@@ -181,7 +202,9 @@ class Kubeadm:
         return self._run(argv)
 
     def join(self, config_path: Path) -> CommandResult:
-        return self._run(["kubeadm", "join", "--config", str(config_path)])
+        # Never killed before kubeadm's own timeouts end it (the runner's default 900 s is shorter than them).
+        argv = ["kubeadm", "join", "--config", str(config_path)]
+        return self._run(argv, timeout=KUBEADM_JOIN_WORST_CASE_SECONDS + 60)
 
     def reset(self) -> CommandResult:
         return self._run(["kubeadm", "reset", "--force"])

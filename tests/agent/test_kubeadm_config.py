@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import yaml
 from node_agent.config import AgentConfig, AgentSettings
 from node_agent.instance import InstanceIdentity
 from node_agent.kubeadm import (
+    JOIN_TIMEOUTS_SECONDS,
+    KUBEADM_JOIN_WORST_CASE_SECONDS,
     Kubeadm,
     ca_cert_hash_from_public_key_pem,
     generate_bootstrap_token,
@@ -146,3 +149,69 @@ def test_the_exact_commands(tmp_path: Path) -> None:
         ["kubeadm", "token", "delete", "abcdef", "--kubeconfig", "/etc/kubernetes/admin.conf"],
         ["kubectl", "--kubeconfig", "/etc/kubernetes/admin.conf", "get", "--raw", "/readyz"],
     ]  # fmt: skip
+
+
+# -- JoinConfiguration timeouts: a large database's learner has time to catch up ---------------------------------
+# kubeadm.k8s.io/v1beta4 Timeouts ("kubeadm Configuration (v1beta4)",
+# https://kubernetes.io/docs/reference/config-api/kubeadm-config.v1beta4/#kubeadm-k8s-io-v1beta4-Timeouts);
+# defaults from kubeadm's SetDefaultTimeouts (kubernetes/kubernetes#122529, cmd/kubeadm/app/constants).
+V1BETA4_TIMEOUT_DEFAULTS = {
+    "controlPlaneComponentHealthCheck": 240,
+    "kubeletHealthCheck": 240,
+    "kubernetesAPICall": 60,
+    "etcdAPICall": 120,
+    "tlsBootstrap": 300,
+    "discovery": 300,
+    "upgradeManifests": 300,
+}
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def _seconds(duration: str) -> int:
+    """A metav1.Duration string (Go's time.ParseDuration subset kubeadm prints: 1h2m3s, 10m0s, 45s)."""
+    match = _DURATION.match(duration)
+    assert match and duration, f"not a duration kubeadm parses: {duration!r}"
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+@pytest.mark.parametrize("control_plane", [True, False])
+def test_join_timeouts_let_a_large_database_catch_up_within_the_join_deadline(
+    agent_config: AgentConfig, control_plane: bool
+) -> None:
+    """kubeadm promotes a joining member's etcd learner only once it has caught up, retrying for at most
+    ``timeouts.etcdAPICall`` (2m by default in v1beta4): too short for a multi-GB database, so the rendered
+    document must raise it. Every other field must be a real v1beta4 Timeouts field, and the worst case of the
+    whole join (each wait to its timeout, the API-call timeout once per call) plus the agent's health wait must
+    fit the agent's launch deadline, or the agent would abandon a join kubeadm was still allowed to finish."""
+    text = join_configuration_yaml(agent_config, IDENT, TOKEN, "sha256:" + "a" * 64, control_plane=control_plane)
+    rendered = {name: _seconds(value) for name, value in _docs(text)["JoinConfiguration"]["timeouts"].items()}
+    assert set(rendered) <= set(V1BETA4_TIMEOUT_DEFAULTS), set(rendered) - set(V1BETA4_TIMEOUT_DEFAULTS)
+    assert rendered["etcdAPICall"] >= 600 > V1BETA4_TIMEOUT_DEFAULTS["etcdAPICall"]
+    for name, default in V1BETA4_TIMEOUT_DEFAULTS.items():
+        if name not in ("etcdAPICall", "upgradeManifests"):  # upgradeManifests is UpgradeConfiguration's, not join's
+            assert rendered.get(name, default) >= default, f"{name} shorter than kubeadm's default"
+    waits = {name: count for name, _, count in JOIN_TIMEOUTS_SECONDS}
+    worst = sum(seconds * waits[name] for name, seconds in rendered.items())
+    assert worst == KUBEADM_JOIN_WORST_CASE_SECONDS == 1860
+    settings = AgentSettings()
+    assert worst + settings.health_timeout_seconds < settings.join_deadline_seconds
+
+
+class TimeoutRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[Any] = []
+
+    def run(self, argv: Any, *, env: Any = None, timeout: Any = None) -> CommandResult:
+        self.timeouts.append(timeout)
+        return super().run(argv, env=env, timeout=timeout)
+
+
+def test_kubeadm_join_is_never_killed_before_its_own_timeouts_end_it() -> None:
+    """The runner kills a command at its timeout: ``kubeadm join`` gets longer than its worst case, so a slow
+    learner catch-up ends with kubeadm's own error, not a SIGKILL mid-promotion."""
+    rec = TimeoutRecorder()
+    Kubeadm(rec, AgentSettings()).join(Path("/run/dk8s/join.yaml"))
+    assert rec.calls == [["kubeadm", "join", "--config", "/run/dk8s/join.yaml"]]
+    assert rec.timeouts[0] > KUBEADM_JOIN_WORST_CASE_SECONDS
