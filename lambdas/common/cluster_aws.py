@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 
 from lambdas.common.etcd_client import EtcdClient, TlsMaterial
 from lambdas.common.kube_client import KubeClient
+from lambdas.common.writer_lease import WriterLease
 
 CLIENT_PORT = 2379
 GONE_STATES = frozenset({"shutting-down", "terminated"})
@@ -46,6 +47,10 @@ class LambdaSettings:
     kube_client_secret_name: str = ""
     drain_deadline_seconds: int = 600
     drain_settle_seconds: int = 10
+    # The single membership writer's lease (lambdas.common.writer_lease) in the cluster-state table; it must
+    # outlive the function timeout (the stack sets twice the timeout).
+    cluster_state_table: str = ""
+    writer_lease_seconds: int = 120
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LambdaSettings:
@@ -79,8 +84,9 @@ class LambdaSettings:
         settle = env.get("DRAIN_SETTLE_SECONDS", "10").strip()
         if not settle.isdigit():
             raise SettingsError(f"environment variable DRAIN_SETTLE_SECONDS={settle!r} must be a whole number")
+        cluster_name = need("CLUSTER_NAME")
         return cls(
-            cluster_name=need("CLUSTER_NAME"),
+            cluster_name=cluster_name,
             cluster_tag_key=env.get("CLUSTER_TAG_KEY", "dedicated-k8s:cluster"),
             role_tag_key=env.get("ROLE_TAG_KEY", "dedicated-k8s:role"),
             control_plane_groups=groups,
@@ -96,6 +102,10 @@ class LambdaSettings:
             kube_client_secret_name=need("KUBE_CLIENT_SECRET_NAME") if drain else "",
             drain_deadline_seconds=drain_deadline,
             drain_settle_seconds=int(settle),
+            # The stack sets it; without it, the name stages/config.py gives the table (ClusterConfig
+            # .cluster_state_table_name), so the lease is never skipped for want of a setting.
+            cluster_state_table=env.get("CLUSTER_STATE_TABLE", "").strip() or f"dk8s-{cluster_name}-cluster-state",
+            writer_lease_seconds=number("WRITER_LEASE_SECONDS", 120),
         )
 
 
@@ -113,12 +123,15 @@ def _error_code(err: ClientError) -> str:
 class ClusterAws:
     """boto3 calls, each small enough to read at a glance; clients are injected (moto in tests)."""
 
-    def __init__(self, settings: LambdaSettings, *, ec2: Any, autoscaling: Any, secretsmanager: Any, sqs: Any) -> None:
+    def __init__(
+        self, settings: LambdaSettings, *, ec2: Any, autoscaling: Any, secretsmanager: Any, sqs: Any, dynamodb: Any
+    ) -> None:
         self.settings = settings
         self.ec2 = ec2
         self.autoscaling = autoscaling
         self.secretsmanager = secretsmanager
         self.sqs = sqs
+        self.dynamodb = dynamodb
 
     @classmethod
     def from_boto3(cls, settings: LambdaSettings) -> ClusterAws:
@@ -130,6 +143,7 @@ class ClusterAws:
             autoscaling=boto3.client("autoscaling"),
             secretsmanager=boto3.client("secretsmanager"),
             sqs=boto3.client("sqs"),
+            dynamodb=boto3.client("dynamodb"),
         )
 
     # -- instances ------------------------------------------------------------------------------------------------
@@ -262,6 +276,10 @@ class ClusterAws:
                 return False
             raise
         return True
+
+    # -- the single membership writer ---------------------------------------------------------------------------
+    def writer_lease(self) -> WriterLease:
+        return WriterLease(self.dynamodb, self.settings.cluster_state_table, self.settings.writer_lease_seconds)
 
     # -- queue ---------------------------------------------------------------------------------------------------
     def enqueue(self, body: dict[str, Any], delay_seconds: int = 0) -> None:

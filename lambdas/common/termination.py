@@ -11,6 +11,10 @@ function decides for all of them, so the rules are the same whichever way a requ
                                    and its member stay up and the RemovalAbandoned alarm calls a human
 * bad input                     -> rejected, logged, nothing changed (the message goes to the DLQ)
 
+The etcd removal (observe, decide, remove, complete) runs only while this invocation holds the membership
+writer lease (:mod:`lambdas.common.writer_lease`, invariant 4a): the event source runs up to two invocations
+at once, and one that finds the lease held treats its request as "not safe now" like any other wait.
+
 Before any of that, a terminating instance's node is drained (:mod:`lambdas.common.drain`: cordon, evict
 through the Eviction API so PodDisruptionBudgets hold, delete the Node object): on control-plane nodes the
 drain comes before the etcd removal; worker groups (WORKER_GROUP_NAMES) get the drain only, never etcd, and
@@ -40,6 +44,7 @@ from lambdas.common.drain import DrainResult, drain_node
 from lambdas.common.etcd_client import EtcdClient, EtcdUnavailableError, TlsMaterial
 from lambdas.common.kube_client import KubeClient, KubeRequestError, KubeUnavailableError
 from lambdas.common.membership import RemovalOutcome, RemovalResult, remove_member_safely
+from lambdas.common.writer_lease import LeaseBusy, WriterLease
 
 TERMINATE_DETAIL_TYPE = "EC2 Instance-terminate Lifecycle Action"
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
@@ -131,6 +136,7 @@ class ClusterPorts(Protocol):
     def complete(self, group: str, hook: str, instance_id: str, token: str | None, result: str) -> bool: ...
     def heartbeat(self, group: str, hook: str, instance_id: str, token: str | None) -> bool: ...
     def enqueue(self, body: dict[str, Any], delay_seconds: int = 0) -> None: ...
+    def writer_lease(self) -> WriterLease: ...
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,8 @@ class TerminationResult:
     completed: bool | None = None
     drain: DrainStep | None = None
     role: str = "control-plane"
+    # The membership writer lease: "released", "release-failed" (it expires by itself), "busy" (not taken).
+    writer_lease: str | None = None
 
     def log_fields(self) -> dict[str, Any]:
         member = self.removal.member if self.removal else None
@@ -174,6 +182,7 @@ class TerminationResult:
             "evicted": list(drained.evicted) if drained else None,
             "pdb_blocked": list(drained.blocked) if drained else None,
             "drain_deadline_passed": self.drain.deadline_passed if self.drain else None,
+            "writer_lease": self.writer_lease,
         }
 
 
@@ -204,6 +213,22 @@ def handle_termination(  # noqa: PLR0911 (one return per outcome reads best here
 
 
 def _remove_member(request: TerminationRequest, ports: ClusterPorts, now: float, tls: TlsMaterial) -> TerminationResult:
+    """The etcd removal under the membership writer lease, released whatever happens (result or error)."""
+    lease = ports.writer_lease()
+    held = lease.acquire(f"etcd-lifecycle removing {request.instance_id} ({request.origin})")
+    if isinstance(held, LeaseBusy):
+        busy = _not_now(request, ports, now, held.reason(now))
+        return dataclasses.replace(busy, writer_lease="busy")
+    try:
+        result = _remove_member_as_writer(request, ports, now, tls)
+    finally:
+        released = lease.release(held)
+    return dataclasses.replace(result, writer_lease="released" if released else "release-failed")
+
+
+def _remove_member_as_writer(
+    request: TerminationRequest, ports: ClusterPorts, now: float, tls: TlsMaterial
+) -> TerminationResult:
     settings = ports.settings
     endpoints = ports.etcd_endpoints(exclude=[request.instance_id])
     if not endpoints:

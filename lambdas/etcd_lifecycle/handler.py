@@ -1,8 +1,9 @@
 """The etcd lifecycle Lambda: SQS records (EventBridge terminate events, our retries, reconciler requests)
 -> :func:`lambdas.common.termination.handle_termination`. Thin: parse, call, log, report failures.
 
-Batch size is 1 and reserved concurrency 1 (one membership change at a time); a record that fails (bad
-input or an unexpected error) is reported in ``batchItemFailures`` so SQS redelivers it and, after
+Batch size is 1 and the event source runs at most two invocations at once; one membership change at a time
+is kept by the writer lease (lambdas/common/writer_lease.py), not by reserved concurrency. A record that fails
+(bad input or an unexpected error) is reported in ``batchItemFailures`` so SQS redelivers it and, after
 maxReceiveCount, moves it to the dead-letter queue (alarmed).
 """
 

@@ -2,7 +2,8 @@
 
 What is real: etcd (Debian's etcd-server, mutual TLS, each member on its own loopback address), the
 Lambda code and boto3 against moto (EC2 instances carrying the members' private IPs and the cluster's
-tags, Auto Scaling groups, Secrets Manager holding the etcd client certificate, the SQS lifecycle queue).
+tags, Auto Scaling groups, Secrets Manager holding the etcd client certificate, the SQS lifecycle queue, the
+cluster-state DynamoDB table that holds the membership writer lease).
 
 What the harness drives (moto lacks it, docs in shared/design/facts.md): Auto Scaling lifecycle actions.
 moto raises NotImplementedError for CompleteLifecycleAction and RecordLifecycleActionHeartbeat, so
@@ -34,6 +35,7 @@ CLUSTER = "lambdatest"
 GROUPS = tuple(f"dk8s-{CLUSTER}-control-plane-{i}" for i in range(3))
 HOOK = "dk8s-terminate"
 SECRET = f"dedicated-k8s/{CLUSTER}/etcd-client"
+TABLE = f"dk8s-{CLUSTER}-cluster-state"
 
 pytestmark = pytest.mark.etcd
 
@@ -101,6 +103,7 @@ class Env:
     ec2: Any
     sqs: Any
     queue_url: str
+    dynamodb: Any
     group_of: dict[str, str]
     subnet_id: str
     network: str
@@ -201,6 +204,8 @@ def settings(queue_url: str, **overrides: str) -> LambdaSettings:
         "REMOVAL_DEADLINE_SECONDS": "600",
         "DESIRED_MEMBERS": "3",
         "DRAIN_NODES": "false",  # the drain tests (test_drain.py) switch it on with a Kubernetes API simulation
+        "CLUSTER_STATE_TABLE": TABLE,
+        "WRITER_LEASE_SECONDS": "120",
         **overrides,
     }
     return LambdaSettings.from_env(env)
@@ -247,6 +252,13 @@ def lambda_env(root: Path) -> Iterator[Env]:
         autoscaling.attach_instances(InstanceIds=[iid], AutoScalingGroupName=group)
     sqs = boto3.client("sqs", region_name=REGION)
     queue_url = sqs.create_queue(QueueName=f"dk8s-{CLUSTER}-etcd-lifecycle")["QueueUrl"]
+    dynamodb = boto3.client("dynamodb", region_name=REGION)
+    dynamodb.create_table(  # as stages/cluster_state.py declares it: partition key "pk" only
+        TableName=TABLE,
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
     cluster = EtcdCluster(root / "etcd", network)
     try:
         cluster.start(3, list(zip(ids, ips, strict=True)))
@@ -259,8 +271,12 @@ def lambda_env(root: Path) -> Iterator[Env]:
             ),
         )
         hooks = HookRecorder()
-        aws = HarnessAws(settings(queue_url), hooks, ec2=ec2, autoscaling=autoscaling, secretsmanager=secrets, sqs=sqs)
-        yield Env(cluster, aws, hooks, ec2, sqs, queue_url, dict(zip(ids, GROUPS, strict=True)), subnet, network)
+        aws = HarnessAws(
+            settings(queue_url), hooks, ec2=ec2, autoscaling=autoscaling, secretsmanager=secrets, sqs=sqs,
+            dynamodb=dynamodb,
+        )  # fmt: skip
+        group_of = dict(zip(ids, GROUPS, strict=True))
+        yield Env(cluster, aws, hooks, ec2, sqs, queue_url, dynamodb, group_of, subnet, network)
     finally:
         cluster.stop()
 
