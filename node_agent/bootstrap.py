@@ -49,6 +49,7 @@ from node_agent.config import AgentConfig, AgentSettings
 from node_agent.election import Attempt, ClusterState, ClusterStateStore, LeaseRenewer, MemberRecord, Phase
 from node_agent.errors import AgentError, LeaseLostError, SecretUnreadableError
 from node_agent.etcd import EtcdAccess, EtcdTls, Member, client_url_for, listening
+from node_agent.hosts import map_endpoint, unmap_endpoint
 from node_agent.instance import InstanceIdentity
 from node_agent.irsa import IssuerPublisher
 from node_agent.kubeadm import Kubeadm, generate_bootstrap_token, init_configuration_yaml, join_configuration_yaml
@@ -316,6 +317,7 @@ class Agent:
         )
         renewer.check()
         log(LOG, 20, "initialising the cluster", generation=generation, node=self.node_name)
+        self._reach_own_api_server_by_name()  # init's upload-config and later phases use admin.conf (the endpoint)
         self.kubeadm.init(init_path)
         own_tls = EtcdTls.kubeadm_apiserver_client(self.settings.pki_dir)
         self._wait_ready(own_tls, [self.client_url])
@@ -418,9 +420,14 @@ class Agent:
             return False
         if not any(m.instance_id == self.me for m in state.last_membership):
             self._record_membership(state.generation, etcd, endpoints)
+        self._reach_own_api_server_by_name()  # the agent may have stopped between the join and the mapping
         return True
 
     def _join_control_plane(self, state: ClusterState) -> str:
+        # Until my join is done the endpoint name must reach the EXISTING members through the NLB (the upgrade's
+        # kubeadm-config write, discovery, the etcd member list): a mapping left by an earlier try goes first.
+        if unmap_endpoint(self.settings.hosts_file):
+            log(LOG, 30, "removed my earlier endpoint mapping before joining", hosts_file=str(self.settings.hosts_file))
         pki = self.secrets.read_pki(self.config.pki_secret_name)
         join = self.secrets.read_join(self.config.join_secret_name)
         self._load_lambda_client_tls()
@@ -440,6 +447,7 @@ class Agent:
             self.config, self.identity, join.token, join.ca_cert_hash, control_plane=True))  # fmt: skip
         try:
             self.kubeadm.join(path)
+            self._reach_own_api_server_by_name()  # from now on my clients use my API server (invariant 9)
             self._wait_ready(self.lambda_client_tls, [*endpoints, self.client_url])
         except Exception:
             self._withdraw_own_member(etcd, endpoints)
@@ -553,7 +561,14 @@ class Agent:
         etcd = self.etcd_for(tls)
         self._wait(f"etcd member {self.node_name} started, promoted and healthy",
                    lambda: etcd.member_ready(endpoints, self.node_name))  # fmt: skip
-        self._wait("the API server to answer /readyz", self.kubeadm.api_server_ready)
+        self._wait("my API server to answer /readyz",
+                   lambda: self.kubeadm.api_server_ready(self.identity.private_ip, self.config.api_port))  # fmt: skip
+
+    def _reach_own_api_server_by_name(self) -> None:
+        """The endpoint name -> my private IP in the hosts file (:mod:`node_agent.hosts`), control plane only."""
+        if map_endpoint(self.settings.hosts_file, self.config.api_endpoint, self.identity.private_ip):
+            log(LOG, 20, "the API endpoint name now reaches my own API server", endpoint=self.config.api_endpoint,
+                address=self.identity.private_ip, hosts_file=str(self.settings.hosts_file))  # fmt: skip
 
     def _record_membership(self, generation: int, etcd: EtcdAccess, endpoints: Sequence[str]) -> None:
         for _ in range(10):
@@ -632,6 +647,7 @@ class Agent:
         init_path = self._write(
             "kubeadm-init.yaml", init_configuration_yaml(self.config, self.identity, self.settings, token)
         )
+        self._reach_own_api_server_by_name()
         self.kubeadm.init(init_path, ignore_preflight_errors=("DirAvailable--var-lib-etcd",))
         self._wait_ready(self.lambda_client_tls, [self.client_url])
         # The snapshot holds the add-ons already; re-applying (server-side, idempotent) pins them to the images

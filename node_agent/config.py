@@ -270,6 +270,8 @@ class AgentSettings:
     # Snapshots: always keep this many newest objects, whatever their age.
     snapshot_keep_newest: int = 3
     bootstrap_token_ttl: str = "24h"  # noqa: S105 (a duration, not a secret)
+    # A control-plane node maps the API endpoint name to itself here (node_agent.hosts, invariant 9).
+    hosts_file: Path = Path("/etc/hosts")
 
     @property
     def pki_dir(self) -> Path:

@@ -229,8 +229,15 @@ class Kubeadm:
     def ca_cert_hash(self) -> str:
         return ca_cert_hash_from_public_key_pem(self.ca_public_key_pem())
 
-    def api_server_ready(self) -> bool:
-        result = self.runner.run(["kubectl", "--kubeconfig", self.admin_conf, "get", "--raw", "/readyz"], timeout=30)
+    def api_server_ready(self, advertise_address: str, port: int) -> bool:
+        """THIS node's API server answers /readyz: admin.conf's credentials, but ``--server`` at the node's own
+        address (kubeadm's wait-control-plane does the same: admin.conf with the server set to the local API
+        endpoint). Through controlPlaneEndpoint the answer could come from another member, or, before this node
+        is a load balancer target, from nobody. The certificate carries the address (kubeadm adds
+        advertiseAddress to the API server's SANs; :func:`cluster_configuration` lists it too)."""
+        server = f"https://{advertise_address}:{port}"
+        argv = ["kubectl", "--kubeconfig", self.admin_conf, "--server", server, "get", "--raw", "/readyz"]
+        result = self.runner.run(argv, timeout=30)
         return result.ok and result.stdout.strip() == "ok"
 
     def node_registered(self, node_name: str) -> bool:

@@ -1,4 +1,12 @@
-"""Builds agents for tests: identity, fast timings, moto clients, a recorded launch hook, real etcd nodes."""
+"""Builds agents for tests: identity, fast timings, moto clients, a recorded launch hook, real etcd nodes.
+
+Each test cluster (one :class:`SimulatedApiServer`) has one API load balancer (:func:`cluster_load_balancer`,
+the :class:`twin.loadbalancer.LoadBalancer` model) with client IP preservation ON, the unkind case: a node is
+registered only when its launch hook completes with CONTINUE (:class:`InServiceHook`, as the Auto Scaling group
+registers an instance at InService) and deregistered when it terminates. Health checks run on a clock, a daemon
+thread per cluster every ``CHECK_INTERVAL`` seconds (thresholds of 2, the ELB minimum): nothing is marked
+healthy by hand, a target is healthy after two passing rounds (~1 s) and the joiners' discovery retries.
+"""
 
 from __future__ import annotations
 
@@ -26,14 +34,56 @@ from node_agent.log import Metrics
 from node_agent.runner import CommandRunner
 from node_agent.secrets import SecretStore
 from tests.agent.conftest import REGION
-from tests.agent.kubeadm_emulator import KubeadmEmulator, SimulatedApiServer, free_loopback_ip
+from tests.agent.kubeadm_emulator import (
+    API_SERVERS,
+    KubeadmEmulator,
+    SimulatedApiServer,
+    api_server_answers,
+    free_loopback_ip,
+)
+from twin.loadbalancer import LoadBalancer, TargetGroupSettings
 
 CLUSTER_TAG_KEY = "dedicated-k8s:cluster"
 ROLE_TAG_KEY = "dedicated-k8s:role"
 
 
+CHECK_INTERVAL = 0.5
+_CLUSTERS_LOCK = threading.Lock()
+_CLUSTERS: dict[int, tuple[Any, LoadBalancer, threading.Event]] = {}  # id(api) -> (api kept alive, NLB, stop)
+
+
+def cluster_load_balancer(api: Any, cfg: AgentConfig, *, preserve_client_ip: bool = True) -> LoadBalancer:
+    """The API NLB of the test cluster whose API server is ``api`` (created on first use, health checks started)."""
+    with _CLUSTERS_LOCK:
+        known = _CLUSTERS.get(id(api))
+        if known is not None:
+            return known[1]
+        settings = TargetGroupSettings(interval_seconds=CHECK_INTERVAL, healthy_threshold=2, unhealthy_threshold=2,
+                                       deregistration_delay_seconds=5.0, preserve_client_ip=preserve_client_ip,
+                                       port=cfg.api_port)  # fmt: skip
+        lb = LoadBalancer(cfg.api_endpoint, settings)
+        stop = threading.Event()
+        _CLUSTERS[id(api)] = (api, lb, stop)
+
+    def health_checks() -> None:
+        while not stop.wait(CHECK_INTERVAL):
+            lb.check(lambda ip: api_server_answers(api, ip))
+
+    threading.Thread(target=health_checks, name=f"nlb-health-{cfg.cluster_name}", daemon=True).start()
+    return lb
+
+
+def stop_load_balancer(api: Any) -> None:
+    """The test cluster is gone: its health-check thread stops."""
+    with _CLUSTERS_LOCK:
+        known = _CLUSTERS.pop(id(api), None)
+    if known is not None:
+        known[2].set()
+
+
 def fast_settings(root: Path, **overrides: Any) -> AgentSettings:
     base = AgentSettings(
+        hosts_file=root / "etc-hosts",  # the node's own hosts file: never this machine's /etc/hosts
         kubernetes_dir=root / "etc-kubernetes",
         state_dir=root / "state",
         etcd_data_dir=root / "etcd-data",
@@ -103,6 +153,24 @@ class AutoScalingGroupHook(RecordingLaunchHook):
             self.on_abandon()
 
 
+class InServiceHook(RecordingLaunchHook):
+    """CONTINUE puts the instance InService, and the group registers it with the API target group then (Amazon
+    EC2 Auto Scaling user guide, "How lifecycle hooks work in Auto Scaling groups": the instance is registered
+    with the load balancer after the launch hook completes, before InService); ABANDON registers nothing."""
+
+    def __init__(self, on_in_service: Callable[[], None], on_abandon: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.on_in_service = on_in_service
+        self.on_abandon = on_abandon
+
+    def complete(self, result: Result, reason: str) -> None:
+        super().complete(result, reason)
+        if result == "CONTINUE":
+            self.on_in_service()
+        elif self.on_abandon is not None:
+            self.on_abandon()
+
+
 class NeverPromotingKubeadm(KubeadmEmulator):
     """A ``kubeadm join`` that adds the etcd learner and starts it, then returns without promoting it
     (as if the learner never caught up and kubeadm gave up waiting): the learner stays a learner in real etcd."""
@@ -167,6 +235,7 @@ class EmulatedNode:
         runner_class: type[KubeadmEmulator] = KubeadmEmulator,
         fail: dict[str, str] | None = None,
         terminate_on_abandon: bool = False,
+        load_balancer: LoadBalancer | None = None,
         **settings: Any,
     ) -> None:
         if subnet is None:
@@ -189,20 +258,30 @@ class EmulatedNode:
         settings.setdefault("lease_seconds", 10.0)
         settings.setdefault("renew_interval_seconds", 0.5)
         self.settings = fast_settings(root / self.identity.instance_id, **settings)
+        self.load_balancer = load_balancer or cluster_load_balancer(api, cfg)
         self.runner = runner_class(
             node_name=self.identity.node_name,
             ip=ip,
             kubernetes_dir=self.settings.kubernetes_dir,
             etcd_data_dir=self.settings.etcd_data_dir,
             api=api,
+            hosts_file=self.settings.hosts_file,
+            load_balancer=self.load_balancer,
             fail=fail,
         )
         self.etcd_for: Callable[[EtcdTls], EtcdAccess] = etcd_for or MembershipEtcd
-        hook = AutoScalingGroupHook(lambda: self.terminate(aws, api)) if terminate_on_abandon else None
-        self.agent, self.hook = self.new_agent(hook)
+        self.terminate_on_abandon = terminate_on_abandon
+        self.agent, self.hook = self.new_agent()
+
+    def in_service(self) -> None:
+        """The group puts the instance InService: it becomes a target of the API load balancer."""
+        self.load_balancer.register(self.identity.instance_id, self.identity.private_ip)
 
     def new_agent(self, hook: RecordingLaunchHook | None = None) -> tuple[Agent, RecordingLaunchHook]:
         """A fresh agent process for this instance (same disk, same kubeadm, etcd left running): an agent restart."""
+        if hook is None:
+            on_abandon = (lambda: self.terminate(self.aws, self.api)) if self.terminate_on_abandon else None
+            hook = InServiceHook(self.in_service, on_abandon)
         return build_agent(
             self.aws,
             self.cfg,
@@ -229,9 +308,14 @@ class EmulatedNode:
         pytest keeps three runs). Its log and certificates stay for debugging."""
         self.runner.kill()
         shutil.rmtree(self.settings.etcd_data_dir, ignore_errors=True)
+        stop_load_balancer(self.api)
 
     def terminate(self, aws: dict[str, Any], api: SimulatedApiServer) -> None:
-        """The instance dies: its etcd is killed, EC2 says terminated, the API server forgets its endpoint."""
+        """The instance dies: the group deregisters it from the load balancer first, then its etcd is killed, EC2 says
+        terminated, the API server forgets its endpoint."""
+        self.load_balancer.deregister(self.identity.instance_id)
+        with api.lock:
+            api.objects.pop(API_SERVERS + self.identity.private_ip, None)
         self.runner.kill()
         aws["ec2"].terminate_instances(InstanceIds=[self.identity.instance_id])
         with api.lock:

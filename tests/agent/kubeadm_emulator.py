@@ -17,10 +17,57 @@ ConfigMap, as ``kubeadm join`` does), the ConfigMap writes and the add-on upgrad
 phase addon all``, which renders CoreDNS/kube-proxy from the ConfigMap's version) as event lists the tests read.
 ``kubeadm kubeconfig user`` needs the cluster CA on disk and returns a kubeconfig naming the client and its
 organisation (no certificate: the simulated API server authorises by that organisation).
+
+**Where each call goes** (invariant 9, docs/architecture.md). Every API call is a connection
+(:meth:`KubeadmEmulator.connect`, recorded in ``connections``) to a server URL; a name is resolved through THIS
+node's hosts file (``hosts_file``, the agent's ``settings.hosts_file``) first, as the node's resolver would;
+the load balancer's DNS name otherwise reaches the :class:`twin.loadbalancer.LoadBalancer` model (no healthy
+target, hairpin drops), any other name does not resolve. A reached address answers only if a control-plane API
+server runs there (its static pod started and its etcd accepts connections). kubeadm writes admin.conf and
+kubelet.conf with ``server: https://<controlPlaneEndpoint>``, and so does the emulator; kubectl calls go to
+their ``--server`` or their kubeconfig's server. kubeadm 1.34's phases and the client each uses (source:
+kubernetes/kubernetes cmd/kubeadm/app/cmd/init.go ``initData.Client`` = admin.conf via
+``EnsureAdminClusterRoleBinding``, ``initData.WaitControlPlaneClient`` = admin.conf with the server replaced by
+``https://<localAPIEndpoint.advertiseAddress>:<bindPort>``; cmd/kubeadm/app/cmd/join.go ``joinData.Client`` =
+the admin.conf join wrote, ``TLSBootstrapCfg`` = cluster-info's server; phases in cmd/kubeadm/app/cmd/phases/):
+
+=====================================  ==========================================  ==============================
+phase (file)                           client                                      endpoint reached
+=====================================  ==========================================  ==============================
+init preflight, certs, kubeconfig,     none (files, static pod manifests)          --
+etcd, control-plane, kubelet-start
+init wait-control-plane                WaitControlPlaneClient                      local: https://<advertise>:6443
+(init/waitcontrolplane.go)
+init upload-config (uploadconfig.go)   Client (admin.conf)                         controlPlaneEndpoint
+init mark-control-plane                Client (admin.conf); waits for the Node     controlPlaneEndpoint
+(markcontrolplane.go)                  the kubelet registers (kubelet.conf)
+init bootstrap-token                   Client (admin.conf)                         controlPlaneEndpoint
+(bootstraptoken.go)
+init addon coredns/kube-proxy          Client (admin.conf)                         controlPlaneEndpoint
+(addons.go)
+join preflight: discovery              anonymous cluster-info                      discovery.bootstrapToken
+(discovery/token)                                                                  .apiServerEndpoint
+join preflight: kubeadm-config         TLSBootstrapCfg (cluster-info's server)     controlPlaneEndpoint
+(join/preflight.go, join.go InitCfg)
+join control-plane-prepare             none (certs, kubeconfigs, manifests)        --
+(join/controlplaneprepare.go)
+join control-plane-join etcd           Client: the members' etcd URLs from the     controlPlaneEndpoint, then
+(join/controlplanejoin.go)             API, then etcd member add on them           the etcd client URLs directly
+join wait-control-plane                WaitControlPlaneClient                      local: https://<advertise>:6443
+(join/waitcontrolplane.go)
+join mark-control-plane                Client (admin.conf)                         controlPlaneEndpoint
+join kubelet TLS bootstrap (worker)    bootstrap-kubelet.conf                      controlPlaneEndpoint
+(join/kubelet.go)
+=====================================  ==========================================  ==============================
+
+A phase retries its API call for ``api_call_timeout`` (kubeadm retries until ``timeouts.kubernetesAPICall``,
+1 minute; scaled down), discovery for ``discovery_timeout`` (kubeadm's token discovery retries until
+``timeouts.discovery``); kubectl and ``kubeadm token`` make one connection (the agent's loops retry them).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -33,11 +80,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from node_agent import hosts
+from node_agent.etcd import listening
 from node_agent.kubeadm import ca_cert_hash_from_public_key_pem
 from node_agent.runner import CommandResult
+from twin.loadbalancer import LoadBalancer
 
 FAST_ETCD = {"heartbeat-interval": "50", "election-timeout": "500"}
 PASSED_ETCD_ARGS = ("heartbeat-interval", "election-timeout", "quota-backend-bytes", "auto-compaction-mode",
@@ -112,6 +163,48 @@ KUBEADM_CONFIG = "kube-system/configmap/kubeadm-config"
 CONFIG_WRITES = "events/kubeadm-config-writes"
 ADDON_UPGRADES = "events/addon-upgrades"
 STATIC_PODS = "static-pods/"  # + node name -> the Kubernetes version its control-plane static pods run
+API_SERVERS = "apiservers/"  # + IP -> {"node", "etcd"}: a kube-apiserver static pod runs at that address
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One API connection a node made: what made it, the server it asked for, how the name resolved, where it
+    arrived (``via`` is ``address`` for an IP, ``hosts file`` or ``load balancer`` for a name)."""
+
+    what: str
+    server: str
+    via: str
+    target_ip: str
+
+
+def api_server_answers(api: Any, ip: str) -> bool:
+    """A kube-apiserver answers at ``ip``: its static pod was started there and its local etcd accepts
+    connections (the API server serves nothing without etcd). The load balancer's health probe in the tests."""
+    raw = api.objects.get(API_SERVERS + ip)
+    return raw is not None and listening(json.loads(raw)["etcd"], timeout=1.0)
+
+
+def kubeconfig_server(path: Path) -> str:
+    """The ``server`` of a kubeconfig's (first) cluster, as kubectl reads it; kubectl's error when unreadable."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+        return str(doc["clusters"][0]["cluster"]["server"])
+    except FileNotFoundError as err:
+        raise RuntimeError(f"error loading config file {str(path)!r}: no such file or directory") from err
+    except (KeyError, IndexError, TypeError) as err:
+        raise RuntimeError(f"error loading config file {str(path)!r}: no cluster server in it") from err
+
+
+def write_kubeconfig(path: Path, server: str, user: str) -> None:
+    """A kubeconfig as kubeadm writes it (the simulated API server needs no real credentials)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "default",
+        "clusters": [{"name": "kubernetes", "cluster": {"server": server, "certificate-authority-data": "simulated"}}],
+        "contexts": [{"name": "default", "context": {"cluster": "kubernetes", "user": user}}],
+        "users": [{"name": user, "user": {"client-certificate-data": "simulated"}}],
+    }))  # fmt: skip
+    path.chmod(0o600)
 
 
 def api_events(api: Any, name: str) -> list[dict[str, Any]]:
@@ -144,12 +237,23 @@ class KubeadmEmulator:
         kubernetes_dir: Path,
         etcd_data_dir: Path,
         api: SimulatedApiServer,
+        hosts_file: Path,
+        load_balancer: LoadBalancer,
         client_port: int = 2379,
         peer_port: int = 2380,
         log_dir: Path | None = None,
         fail: Mapping[str, str] | None = None,
         promote_timeout: float = 30.0,
+        discovery_timeout: float = 20.0,
+        api_call_timeout: float = 3.0,
     ) -> None:
+        if hosts_file.resolve() == Path("/etc/hosts").resolve():
+            raise ValueError("the emulator's hosts file must be the test node's own, never this machine's /etc/hosts")
+        self.hosts_file = hosts_file
+        self.load_balancer = load_balancer
+        self.discovery_timeout = discovery_timeout
+        self.api_call_timeout = api_call_timeout
+        self.connections: list[Connection] = []
         self.node_name = node_name
         self.ip = ip
         self.kubernetes_dir = kubernetes_dir
@@ -182,6 +286,80 @@ class KubeadmEmulator:
     def commands(self, prefix: str) -> list[list[str]]:
         return [c for c in self.calls if " ".join(c).startswith(prefix)]
 
+    # -- where a call goes -------------------------------------------------------------------------------------
+    def connect(self, what: str, server: str) -> str:
+        """Open ``server`` (``https://host:port``) from this node: the address whose API server answered.
+
+        Raises ``ConnectionError`` as the client would see it: the NLB's "no healthy target" or hairpin drop,
+        an unknown name, or nothing answering at the address."""
+        parts = urlsplit(server)
+        host, port = parts.hostname or "", parts.port or 443
+        try:
+            ipaddress.ip_address(host)
+            ip, via = host, "address"
+        except ValueError:
+            mapped = hosts.resolve(self.hosts_file, host)
+            if mapped is not None:
+                ip, via = mapped, "hosts file"
+            elif host == self.load_balancer.dns_name:
+                ip, via = self.load_balancer.connect(self.ip, port), "load balancer"
+            else:
+                raise ConnectionError(f"dial tcp: lookup {host}: no such host") from None
+        self.connections.append(Connection(what, server, via, ip))
+        if not self._answers(ip):
+            raise ConnectionError(f"dial tcp {ip}:{port}: connect: connection refused (no API server there)")
+        return ip
+
+    def _answers(self, ip: str) -> bool:
+        if ip == self.ip and (self.process is None or self.process.poll() is not None):
+            return False
+        return api_server_answers(self.api, ip)
+
+    def _call(self, what: str, server: str, *, retry: bool = True) -> str:
+        """A kubeadm phase's API call, retried until ``api_call_timeout`` as kubeadm retries its API calls
+        (``timeouts.kubernetesAPICall``, scaled down); then the phase fails with the last connection error."""
+        deadline = time.monotonic() + (self.api_call_timeout if retry else 0)
+        while True:
+            try:
+                return self.connect(what, server)
+            except ConnectionError as err:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"[{what}] error execution phase: {err}") from err
+            time.sleep(0.1)
+
+    def _kubectl_server(self, argv: list[str]) -> str:
+        """kubectl/kubeadm: ``--server`` wins over the kubeconfig's cluster server."""
+        if "--server" in argv:
+            return argv[argv.index("--server") + 1]
+        return kubeconfig_server(Path(argv[argv.index("--kubeconfig") + 1]))
+
+    def _route(self, argv: list[str]) -> str:
+        """kubectl and ``kubeadm token``: one connection, no retry (the agent's own loops retry)."""
+        return self._call(" ".join(argv[:3]), self._kubectl_server(argv), retry=False)
+
+    def _control_plane_endpoint(self) -> str:
+        raw = self.api.objects.get(KUBEADM_CONFIG)
+        if raw is None:
+            raise RuntimeError("kubeadm-config is not in the cluster: no controlPlaneEndpoint known")
+        config = yaml.safe_load(json.loads(raw)["data"]["ClusterConfiguration"])
+        return f"https://{config['controlPlaneEndpoint']}"
+
+    def _start_api_server(self) -> None:
+        """The kube-apiserver static pod on this node (kubeadm's control-plane phase, the kubelet starts it)."""
+        self.api.objects[API_SERVERS + self.ip] = json.dumps({"node": self.node_name, "etcd": self.client_url})
+
+    def _write_kubeconfigs(self, server: str, *, control_plane: bool) -> None:
+        if control_plane:
+            write_kubeconfig(self.kubernetes_dir / "admin.conf", server, "kubernetes-admin")
+        write_kubeconfig(self.kubernetes_dir / "kubelet.conf", server, f"system:node:{self.node_name}")
+
+    def _register_node(self, role: str) -> None:
+        """The kubelet registers its Node through kubelet.conf's server (it retries forever; kubeadm's
+        mark-control-plane waits for the Node, so a kubelet that cannot reach the API fails the phase)."""
+        self._call("kubelet: register the Node", kubeconfig_server(self.kubernetes_dir / "kubelet.conf"))
+        with self.api.lock:
+            self.api.nodes[self.node_name] = role
+
     def _dispatch(self, argv: list[str], env: Mapping[str, str], timeout: float | None) -> CommandResult:  # noqa: PLR0911
         ok = lambda out="": CommandResult(tuple(argv), 0, out, "")  # noqa: E731
         if argv[:2] == ["kubeadm", "init"]:
@@ -194,6 +372,7 @@ class KubeadmEmulator:
             self.reset()
             return ok()
         if argv[:3] == ["kubeadm", "token", "create"]:
+            self._route(argv)
             with self.api.lock:
                 self.api.tokens.add(argv[3])
             return ok(argv[3] + "\n")
@@ -201,28 +380,36 @@ class KubeadmEmulator:
             return ok(self._kubeconfig_user(argv))
         if argv[:6] == ["kubeadm", "upgrade", "node", "phase", "addon", "all"]:
             self._authorise(argv)
+            self._route(argv)
             version = kubeadm_config_version(self.api)
             _append_event(self.api, ADDON_UPGRADES, {"node": self.node_name, "version": version})
             return ok(f"[upgrade/addon] Applied essential addons CoreDNS and kube-proxy for {version}\n")
         if argv[0] == "kubectl" and "configmap" in argv and "get" in argv:
             self._authorise(argv)
+            self._route(argv)
             raw = self.api.objects.get(KUBEADM_CONFIG)
             if raw is None:
                 return CommandResult(tuple(argv), 1, "", 'configmaps "kubeadm-config" not found')
             return ok(raw)
         if argv[0] == "kubectl" and "replace" in argv:
             self._authorise(argv)
+            self._route(argv)
             return self._replace_configmap(argv)
         if argv[:3] == ["kubeadm", "token", "delete"]:
+            self._route(argv)
             with self.api.lock:
                 self.api.tokens = {t for t in self.api.tokens if not t.startswith(argv[3] + ".")}
             return ok(f'bootstrap token "{argv[3]}" deleted\n')
         if argv[0] == "kubectl" and "apply" in argv:
             return ok(self._apply(argv))
         if argv[0] == "kubectl" and "/readyz" in argv:
-            up = self.process is not None and self.process.poll() is None and self._etcd_healthy()
-            return CommandResult(tuple(argv), 0 if up else 1, "ok" if up else "", "" if up else "connection refused")
+            try:
+                self.connect("kubectl get --raw /readyz", self._kubectl_server(argv))
+            except ConnectionError as err:
+                return CommandResult(tuple(argv), 1, "", str(err))
+            return ok("ok")
         if argv[0] == "kubectl" and "node" in argv:
+            self._route(argv)
             name = argv[argv.index("node") + 1]
             if name in self.api.nodes:
                 return ok(f"node/{name}\n")
@@ -243,8 +430,12 @@ class KubeadmEmulator:
         if missing:
             raise RuntimeError(f"couldn't load the CA certificate authority from {self.pki}: missing {missing}")
         client, org = argv[argv.index("--client-name") + 1], argv[argv.index("--org") + 1]
-        return yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "users": [
-            {"name": client, "user": {"client-certificate-data": "simulated", "organization": org}}]})  # fmt: skip
+        cluster = self._documents(Path(argv[argv.index("--config") + 1]))["ClusterConfiguration"]
+        server = f"https://{cluster['controlPlaneEndpoint']}"  # kubeadm: the ClusterConfiguration's endpoint
+        return yaml.safe_dump({"apiVersion": "v1", "kind": "Config",
+                               "clusters": [{"name": "kubernetes", "cluster": {"server": server}}],
+                               "users": [{"name": client, "user": {"client-certificate-data": "simulated",
+                                                                    "organization": org}}]})  # fmt: skip
 
     def _authorise(self, argv: list[str]) -> None:
         """admin.conf of a control-plane node that joined or initialised, or a cluster-admins kubeconfig."""
@@ -289,6 +480,7 @@ class KubeadmEmulator:
         kubeconfig = Path(argv[argv.index("--kubeconfig") + 1])
         if kubeconfig != self.kubernetes_dir / "admin.conf" or self.api.nodes.get(self.node_name) != "control-plane":
             raise RuntimeError(f"Unauthorized: {kubeconfig} is not this control-plane node's admin.conf")
+        self._route(argv)
         if "--server-side" not in argv:
             raise RuntimeError("the add-ons are applied server-side")
         target = Path(argv[argv.index("-f") + 1])
@@ -343,29 +535,43 @@ class KubeadmEmulator:
         docs = self._documents(config)
         init, cluster = docs["InitConfiguration"], docs["ClusterConfiguration"]
         assert init["nodeRegistration"]["name"] == self.node_name
-        self._ensure_shared_pki()
+        self._ensure_shared_pki()  # certs
         self._node_certs()
-        restored = self.data_dir.exists() and any(self.data_dir.iterdir())
+        endpoint = f"https://{cluster['controlPlaneEndpoint']}"
+        self._write_kubeconfigs(endpoint, control_plane=True)  # kubeconfig
         extra = {a["name"]: a["value"] for a in cluster["etcd"]["local"].get("extraArgs", [])}
-        self.start_etcd(initial_cluster=f"{self.node_name}={self.peer_url}", state="new", extra=extra)
+        self.start_etcd(initial_cluster=f"{self.node_name}={self.peer_url}", state="new", extra=extra)  # etcd
         self._wait_healthy()
+        self._start_api_server()  # control-plane
+        local = init["localAPIEndpoint"]
+        self._call("init wait-control-plane", f"https://{local['advertiseAddress']}:{local['bindPort']}")
+        admin = kubeconfig_server(self.kubernetes_dir / "admin.conf")
+        self._call("init upload-config", admin)
         self._upload_config(cluster)
         with self.api.lock:
+            self.api.etcd_endpoints[self.node_name] = self.client_url  # the API server pod's etcd annotation
+        self._register_node("control-plane")
+        self._call("init mark-control-plane", admin)
+        self._call("init bootstrap-token", admin)
+        with self.api.lock:
             self.api.tokens.update(t["token"] for t in init.get("bootstrapTokens", []))
-            self.api.nodes[self.node_name] = "control-plane"
-            self.api.etcd_endpoints[self.node_name] = self.client_url
-        _ = restored
+        self._call("init addon", admin)
 
     def _join(self, config: Path) -> None:
         join = self._documents(config)["JoinConfiguration"]
         assert join["nodeRegistration"]["name"] == self.node_name
         discovery = join["discovery"]["bootstrapToken"]
+        self._discover(f"https://{discovery['apiServerEndpoint']}")
         if discovery["token"] not in self.api.tokens:
             raise RuntimeError("[discovery] the bootstrap token is unknown or expired")
+        endpoint = self._control_plane_endpoint()  # cluster-info's kubeconfig names controlPlaneEndpoint
         if "controlPlane" not in join:
-            with self.api.lock:
-                self.api.nodes[self.node_name] = "worker"
+            write_kubeconfig(self.kubernetes_dir / "bootstrap-kubelet.conf", endpoint, "tls-bootstrap-token-user")
+            self._call("join kubelet-start: TLS bootstrap", endpoint)
+            self._write_kubeconfigs(endpoint, control_plane=False)
+            self._register_node("worker")
             return
+        self._call("join preflight: kubeadm-config", endpoint)
         shared = ("ca.crt", "ca.key", "sa.key", "sa.pub", "front-proxy-ca.crt", "etcd/ca.crt", "etcd/ca.key")
         missing = [f for f in shared if not (self.pki / f).exists()]
         if missing:
@@ -376,21 +582,42 @@ class KubeadmEmulator:
         if ca_hash not in discovery["caCertHashes"]:
             raise RuntimeError("[discovery] cluster CA found does not match any of the caCertHashes")
         self._node_certs()
+        self._write_kubeconfigs(endpoint, control_plane=True)  # control-plane-prepare kubeconfig
+        self._call("join control-plane-join etcd: the members' etcd endpoints", endpoint)
         endpoints = [u for n, u in self.api.etcd_endpoints.items() if n != self.node_name]
+        for url in endpoints:
+            self.connections.append(Connection("join etcd member add", url, "address", urlsplit(url).hostname or ""))
         member_id, initial_cluster = self._add_learner(endpoints)
         self.start_etcd(initial_cluster=initial_cluster, state="existing", extra={})
         self._promote(endpoints, member_id)
         with self.api.lock:
             if KUBEADM_CONFIG in self.api.objects:  # the static pods of the version in the cluster's kubeadm-config
                 self.api.objects[STATIC_PODS + self.node_name] = kubeadm_config_version(self.api)
-            self.api.nodes[self.node_name] = "control-plane"
             self.api.etcd_endpoints[self.node_name] = self.client_url
+        self._start_api_server()
+        local = join["controlPlane"]["localAPIEndpoint"]
+        self._call("join wait-control-plane", f"https://{local['advertiseAddress']}:{local['bindPort']}")
+        self._register_node("control-plane")
+        self._call("join mark-control-plane", kubeconfig_server(self.kubernetes_dir / "admin.conf"))
+
+    def _discover(self, server: str) -> None:
+        """Token discovery fetches cluster-info, retrying until its timeout as kubeadm does."""
+        deadline = time.monotonic() + self.discovery_timeout
+        while True:
+            try:
+                self.connect("join preflight: discovery (cluster-info)", server)
+                return
+            except ConnectionError as err:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"[discovery] failed to request cluster-info from {server}: {err}") from err
+            time.sleep(0.1)
 
     def reset(self) -> None:
         self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
         with self.api.lock:
             self.api.etcd_endpoints.pop(self.node_name, None)
+            self.api.objects.pop(API_SERVERS + self.ip, None)
 
     # -- etcd ------------------------------------------------------------------------------------------------
     def etcdctl(self, endpoints: Sequence[str], *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:

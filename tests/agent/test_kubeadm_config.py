@@ -140,14 +140,15 @@ def test_the_exact_commands(tmp_path: Path) -> None:
     k.join(Path("/run/dk8s/join.yaml"))
     k.token_create(TOKEN, "24h")
     k.token_delete("abcdef")
-    assert k.api_server_ready()
+    assert k.api_server_ready("10.0.0.7", 6443)
     assert rec.calls == [
         ["kubeadm", "init", "--config", "/run/dk8s/init.yaml", "--skip-token-print"],
         ["kubeadm", "join", "--config", "/run/dk8s/join.yaml"],
         ["kubeadm", "token", "create", TOKEN, "--ttl", "24h", "--description",
          "dedicated-k8s worker join token (rotated by the node agent)", "--kubeconfig", "/etc/kubernetes/admin.conf"],
         ["kubeadm", "token", "delete", "abcdef", "--kubeconfig", "/etc/kubernetes/admin.conf"],
-        ["kubectl", "--kubeconfig", "/etc/kubernetes/admin.conf", "get", "--raw", "/readyz"],
+        ["kubectl", "--kubeconfig", "/etc/kubernetes/admin.conf", "--server", "https://10.0.0.7:6443",
+         "get", "--raw", "/readyz"],
     ]  # fmt: skip
 
 
