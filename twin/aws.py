@@ -16,11 +16,25 @@ protocol's XML, including AWS's ``ValidationError`` for an action that is not pe
 
 DynamoDB requests are applied one at a time: moto checks a condition and writes without a lock, while
 real DynamoDB applies each conditional write atomically (the election depends on that).
+
+IAM and VPC endpoints (``MotoAws(..., authorizer=...)``, :mod:`twin.authorizer`): every request is signed with
+its principal's own dummy access key (:mod:`twin.principals`: ``client(service, principal)``,
+``principal_environment(name)`` for the instance processes, per-invocation credentials for the in-process
+Lambdas); before forwarding, the proxy authorises it against that principal's policies from the synthesized
+templates and refuses it as AWS would (AccessDenied in the protocol's error shape, or, from inside the VPC to a
+service without an endpoint, no answer at all). The twin's own calls sign as the unrestricted ``harness``.
+Without an authorizer every request is forwarded (the proxy's own tests).
+
+Account quotas: ``lambda:GetAccountSettings`` is answered by the proxy with the account's concurrency quota
+(``lambda_concurrency_quota``; AWS's default is 1,000 concurrent executions per Region, "Lambda quotas", AWS
+Lambda Developer Guide, https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html), the
+functions' reserved concurrency subtracted from ``UnreservedConcurrentExecutions`` as Lambda reports it.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import socket
@@ -41,10 +55,14 @@ from xml.sax.saxutils import escape
 
 import boto3
 
+from twin.authorizer import Authorizer, MotoLookup, Refusal
+from twin.aws_calls import Request
+from twin.principals import HARNESS_PRINCIPAL, PrincipalBook, activate, install_default_session
+
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
 PARTITION = "aws"  # eu-west-1 is in the commercial partition; ARNs are built from this, never spelt out
-DUMMY_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+DUMMY_CREDENTIALS = HARNESS_PRINCIPAL.credentials()  # the twin's own calls (set-up, observer): unrestricted
 _XMLNS = "http://autoscaling.amazonaws.com/doc/2011-01-01/"
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
 
@@ -82,6 +100,9 @@ class _Proxy(ThreadingHTTPServer):
     moto_port: int
     faults: Faults
     ddb_lock: threading.Lock
+    authorizer: Authorizer | None
+    lambda_concurrency_quota: int
+    reserved_concurrency: int
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up mid-answer is an instance the twin just killed (its agent's boto3 call dies with
@@ -203,8 +224,45 @@ class _Handler(BaseHTTPRequestHandler):
             self._error("ValidationError", str(err))
         return True
 
+    def _refused(self, body: bytes) -> bool:
+        """Authorise the request (IAM, VPC endpoints); True when it was refused and answered here."""
+        authorizer = self.server.authorizer
+        if authorizer is None:
+            return False
+        _principal, _op, refusal = authorizer.decide(Request(self.command, self.path, dict(self.headers), body))
+        if refusal is None:
+            return False
+        self._refuse(refusal)
+        return True
+
+    def _refuse(self, refusal: Refusal) -> None:
+        if refusal.close:  # what an unrouted connection gives the client: nothing
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._reply(refusal.status, refusal.body, list(refusal.headers))
+
+    def _account_settings(self) -> None:
+        quota = self.server.lambda_concurrency_quota
+        settings = {
+            "AccountLimit": {
+                "TotalCodeSize": 80530636800,
+                "CodeSizeUnzipped": 262144000,
+                "CodeSizeZipped": 52428800,
+                "ConcurrentExecutions": quota,
+                "UnreservedConcurrentExecutions": quota - self.server.reserved_concurrency,
+            },
+            "AccountUsage": {"TotalCodeSize": 0, "FunctionCount": 0},
+        }
+        self._reply(200, json.dumps(settings).encode(), [("Content-Type", "application/json")])
+
     def _handle(self) -> None:
         body = self._body()
+        if self._refused(body):
+            return
+        if self.command == "GET" and re.fullmatch(r"/\d{4}-\d{2}-\d{2}/account-settings/?", self.path.split("?")[0]):
+            self._account_settings()
+            return
         if self.command == "POST" and body[:7] == b"Action=":
             params = dict(urllib.parse.parse_qsl(body.decode(), keep_blank_values=True))
             if self._lifecycle(params.get("Action", ""), params):
@@ -220,7 +278,20 @@ class _Handler(BaseHTTPRequestHandler):
 class MotoAws:
     """``moto_server`` + the lifecycle proxy; ``client(service)`` gives boto3 clients pointing at the proxy."""
 
-    def __init__(self, log_dir: Path, backend: LifecycleBackend) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        backend: LifecycleBackend,
+        *,
+        authorizer: Authorizer | None = None,
+        lambda_concurrency_quota: int = 1000,
+        reserved_concurrency: int = 0,
+    ) -> None:
+        if lambda_concurrency_quota < 1 or not 0 <= reserved_concurrency <= lambda_concurrency_quota:
+            raise ValueError(
+                f"lambda_concurrency_quota={lambda_concurrency_quota} must be positive and reserved_concurrency="
+                f"{reserved_concurrency} within it"
+            )
         self.log_dir = log_dir
         self.moto_port = free_port()
         self.faults = Faults()
@@ -230,6 +301,15 @@ class MotoAws:
         self._server.moto_port = self.moto_port
         self._server.faults = self.faults
         self._server.ddb_lock = threading.Lock()
+        self._server.authorizer = authorizer
+        self._server.lambda_concurrency_quota = lambda_concurrency_quota
+        self._server.reserved_concurrency = reserved_concurrency
+        self.authorizer = authorizer
+        if authorizer is not None and authorizer.lookup is None:
+            moto = boto3.session.Session(region_name=REGION, **DUMMY_CREDENTIALS)
+            moto_url = f"http://127.0.0.1:{self.moto_port}"
+            authorizer.lookup = MotoLookup(lambda service: moto.client(service, endpoint_url=moto_url))
+        self._deactivate: Callable[[], None] | None = None
         self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._session = boto3.session.Session(region_name=REGION, **DUMMY_CREDENTIALS)
 
@@ -251,9 +331,13 @@ class MotoAws:
                     raise RuntimeError(f"moto_server did not start; see {self.log_dir / 'moto.log'}") from None
                 time.sleep(0.1)
         threading.Thread(target=self._server.serve_forever, name="aws-proxy", daemon=True).start()
+        self._deactivate = activate(self.principals)  # the in-process Lambdas' roles (twin.events)
         return self
 
     def stop(self) -> None:
+        if self._deactivate is not None:
+            self._deactivate()
+            self._deactivate = None
         self._server.shutdown()
         self._server.server_close()
         if self._process is not None and self._process.poll() is None:
@@ -263,11 +347,19 @@ class MotoAws:
             except subprocess.TimeoutExpired:
                 self._process.kill()
 
-    def client(self, service: str) -> Any:
-        return self._session.client(service, endpoint_url=self.endpoint_url)
+    @property
+    def principals(self) -> PrincipalBook:
+        return self.authorizer.principals if self.authorizer is not None else PrincipalBook()
+
+    def client(self, service: str, principal: str | None = None) -> Any:
+        """A boto3 client of the twin's AWS, signing as ``principal`` (default: the unrestricted harness)."""
+        if principal is None:
+            return self._session.client(service, endpoint_url=self.endpoint_url)
+        creds = self.principals[principal].credentials()
+        return boto3.session.Session(region_name=REGION, **creds).client(service, endpoint_url=self.endpoint_url)
 
     def environment(self) -> dict[str, str]:
-        """What a process needs so that its boto3 clients talk to the twin's AWS."""
+        """What a process needs so that its boto3 clients talk to the twin's AWS (as the harness)."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": DUMMY_CREDENTIALS["aws_access_key_id"],
@@ -277,13 +369,33 @@ class MotoAws:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    def principal_environment(self, principal: str) -> dict[str, str]:
+        """:meth:`environment` with ``principal``'s credentials (an instance process: its instance role's)."""
+        return {**self.environment(), **self.principals[principal].environment()}
+
+    def iam_report(self) -> dict[str, Any]:
+        """Denied calls, unreachable services and granted-but-unused permissions of this run (empty without IAM)."""
+        if self.authorizer is None:
+            return {"denied": [], "unreachable": [], "unused_permissions": {}}
+        return self.authorizer.report()
+
     @staticmethod
     def apply_environment(env: dict[str, str]) -> Callable[[], None]:
-        """Set ``env`` in this process (the in-process Lambda handlers read it); returns an undo."""
+        """Set ``env`` in this process (the in-process Lambda handlers read it); returns an undo.
+
+        In-process boto3 clients do not sign with the environment's credentials: boto3's default session is
+        replaced by one that signs each request with the running Lambda invocation's principal
+        (:func:`twin.principals.install_default_session`), and the environment holds the ``unattributed``
+        key, so a session a handler builds itself gets no unrestricted credentials either."""
+        from twin.principals import UNATTRIBUTED_PRINCIPAL
+
+        env = {**env, **UNATTRIBUTED_PRINCIPAL.environment()}
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        undo_session = install_default_session(env.get("AWS_REGION", REGION))
 
         def undo() -> None:
+            undo_session()
             for k, v in old.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -7,6 +7,10 @@
   again after the queue's visibility timeout. Messages the Lambda re-enqueues with DelaySeconds are in
   the same queue, so they are redelivered the same way.
 * The reconciler is invoked on a timer with an EventBridge "Scheduled Event".
+
+Every handler :func:`load_handler` returns runs as its function's execution role: the AWS calls it makes
+(through boto3's default session, clients cached at import time included) are signed with the credentials of
+the principal named by the invocation context's ``function_name`` (:func:`twin.principals.invocation_as`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twin.aws import ACCOUNT, PARTITION, REGION
+from twin.principals import function_principal, invocation_as
 
 Handler = Callable[[dict[str, Any], Any], Any]
 
@@ -122,9 +127,16 @@ class LambdaContext:
 
 
 def load_handler(path: str) -> Handler:
-    """``"lambdas.etcd_lifecycle.handler:handle"`` -> the function (imported when first needed)."""
+    """``"lambdas.etcd_lifecycle.handler:handle"`` -> the function (imported when first needed), wrapped so that
+    each invocation signs its AWS calls as the execution role of ``context.function_name``."""
     module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return,unused-ignore]
+    handler: Handler = getattr(importlib.import_module(module), name)
+
+    def as_function(event: dict[str, Any], context: Any) -> Any:
+        with invocation_as(function_principal(context.function_name)):
+            return handler(event, context)
+
+    return as_function
 
 
 class QueueDelivery:

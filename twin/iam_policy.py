@@ -246,7 +246,8 @@ def _wildcard(pattern: str, value: str, *, case: bool) -> bool:
     return re.fullmatch(regex, value, flags=re.DOTALL if case else re.IGNORECASE | re.DOTALL) is not None
 
 
-def _action_matches(patterns: Iterable[str], action: str) -> bool:
+def action_matches(patterns: Iterable[str], action: str) -> bool:
+    """Does ``action`` match one of ``patterns`` (case-insensitive, ``*``/``?`` wildcards)?"""
     return any(_wildcard(p, action, case=False) for p in patterns)
 
 
@@ -339,9 +340,9 @@ def conditions_hold(conditions: Mapping[str, Mapping[str, tuple[str, ...]]], con
 
 
 def statement_matches(st: Statement, action: str, resource_arn: str, context: Context) -> bool:
-    if st.actions and not _action_matches(st.actions, action):
+    if st.actions and not action_matches(st.actions, action):
         return False
-    if st.not_actions and _action_matches(st.not_actions, action):
+    if st.not_actions and action_matches(st.not_actions, action):
         return False
     if st.resources and not _resource_matches(st.resources, resource_arn):
         return False
@@ -374,6 +375,7 @@ __all__ = [
     "PolicyError",
     "PrincipalPolicies",
     "Statement",
+    "action_matches",
     "conditions_hold",
     "is_allowed",
     "principal_statements",
