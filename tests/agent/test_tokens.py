@@ -1,7 +1,9 @@
 """Join token rotation: create, store, then delete the old one; never a moment without a working token.
 
 kubeadm is the :class:`~tests.agent.kubeadm_emulator.KubeadmEmulator` (its simulated API server keeps the
-bootstrap tokens; ``openssl`` runs for real on a real cluster CA). Rotation never touches etcd, so no etcd runs.
+bootstrap tokens; ``openssl`` runs for real on a real cluster CA). Rotation never touches etcd, so no etcd runs:
+the node's API server is taken as answering (:class:`RunningControlPlane`), and its calls still go where the
+node's hosts file and admin.conf send them (tests/agent/test_api_endpoint.py covers what happens otherwise).
 """
 
 from __future__ import annotations
@@ -16,27 +18,46 @@ from typing import Any
 import pytest
 
 from node_agent.config import AgentConfig, AgentSettings
+from node_agent.hosts import map_endpoint
 from node_agent.kubeadm import BOOTSTRAP_TOKEN
 from node_agent.runner import CommandResult
 from node_agent.secrets import JoinSecret, SecretStore
 from node_agent.tokens import rotate_join_token
+from tests.agent.conftest import config_values
 from tests.agent.harness import fast_settings
-from tests.agent.kubeadm_emulator import KubeadmEmulator, SimulatedApiServer, make_ca
+from tests.agent.kubeadm_emulator import KubeadmEmulator, SimulatedApiServer, make_ca, write_kubeconfig
+from twin.loadbalancer import LoadBalancer, TargetGroupSettings
 
 NOW = datetime(2026, 11, 25, 6, 0, 0, tzinfo=UTC)
 OLD = JoinSecret("oldtok.0123456789abcdef", "sha256:x", "t", "e")
+
+
+class RunningControlPlane(KubeadmEmulator):
+    """An initialised control-plane node whose own API server answers (no etcd is started for it)."""
+
+    def _answers(self, ip: str) -> bool:
+        return ip == self.ip
 
 
 def _kubeadm(
     settings: AgentSettings,
     api: SimulatedApiServer,
     fail: Mapping[str, str] | None = None,
-    cls: type[KubeadmEmulator] = KubeadmEmulator,
+    cls: type[KubeadmEmulator] = RunningControlPlane,
 ) -> KubeadmEmulator:
-    """This control-plane node's kubeadm, with the cluster CA on disk as ``kubeadm init`` left it."""
+    """This control-plane node's kubeadm as ``kubeadm init`` and the agent left it: the cluster CA, admin.conf
+    naming controlPlaneEndpoint, the endpoint name mapped to this node; the NLB has no target yet."""
+    cfg = AgentConfig.from_mapping(config_values())
     make_ca(settings.pki_dir / "ca.crt", settings.pki_dir / "ca.key", "kubernetes")
+    write_kubeconfig(
+        settings.kubernetes_dir / "admin.conf", f"https://{cfg.control_plane_endpoint}", "kubernetes-admin"
+    )
+    map_endpoint(settings.hosts_file, cfg.api_endpoint, "127.0.0.1")
+    nlb = LoadBalancer(cfg.api_endpoint, TargetGroupSettings(interval_seconds=10, healthy_threshold=2,
+                       unhealthy_threshold=2, deregistration_delay_seconds=0, preserve_client_ip=True))  # fmt: skip
     return cls(node_name="n", ip="127.0.0.1", kubernetes_dir=settings.kubernetes_dir,
-               etcd_data_dir=settings.etcd_data_dir, api=api, fail=fail)  # fmt: skip
+               etcd_data_dir=settings.etcd_data_dir, api=api, hosts_file=settings.hosts_file, load_balancer=nlb,
+               fail=fail)  # fmt: skip
 
 
 def _ca_hash(ca: Path) -> str:
@@ -60,7 +81,7 @@ def test_rotation_stores_the_new_token_before_deleting_the_old(
     api = SimulatedApiServer(tokens={OLD.token})
     order: list[str] = []
 
-    class Watching(KubeadmEmulator):
+    class Watching(RunningControlPlane):
         def run(self, argv: Any, **kw: Any) -> CommandResult:
             if list(argv[:3]) == ["kubeadm", "token", "delete"]:
                 stored = secrets.read_join(agent_config.join_secret_name).token
@@ -85,6 +106,7 @@ def test_rotation_stores_the_new_token_before_deleting_the_old(
     ]
     assert runner.commands("kubeadm token delete") == [["kubeadm", "token", "delete", "oldtok", "--kubeconfig", admin]]
     assert order == [f"delete oldtok while secret holds {new.token}"]
+    assert {(c.via, c.target_ip) for c in runner.connections} == {("hosts file", "127.0.0.1")}, "its own API server"
 
 
 def test_a_failed_create_leaves_the_old_token_in_place(
