@@ -184,6 +184,22 @@ def api_server_answers(api: Any, ip: str) -> bool:
     return raw is not None and listening(json.loads(raw)["etcd"], timeout=1.0)
 
 
+_VALUE_FLAGS = {"--kubeconfig", "--server", "--namespace", "--ttl", "--description", "--output", "--filename", "-f"}
+
+
+def _command_words(argv: Sequence[str]) -> str:
+    """``kubectl --kubeconfig X apply --server-side -f D`` -> ``kubectl apply``: the command, not its flags."""
+    words, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif not arg.startswith("-"):
+            words.append(arg)
+    return " ".join(words[:3])
+
+
 def kubeconfig_server(path: Path) -> str:
     """The ``server`` of a kubeconfig's (first) cluster, as kubectl reads it; kubectl's error when unreadable."""
     try:
@@ -335,7 +351,7 @@ class KubeadmEmulator:
 
     def _route(self, argv: list[str]) -> str:
         """kubectl and ``kubeadm token``: one connection, no retry (the agent's own loops retry)."""
-        return self._call(" ".join(argv[:3]), self._kubectl_server(argv), retry=False)
+        return self._call(_command_words(argv), self._kubectl_server(argv), retry=False)
 
     def _control_plane_endpoint(self) -> str:
         raw = self.api.objects.get(KUBEADM_CONFIG)
