@@ -43,6 +43,9 @@ _NAME = re.compile(r"^[\w.-]{1,100}$")
 
 # Keys a stage may override; the cluster name is derived (<clusterName>-<stage>), never overridden.
 STAGE_OVERRIDE_KEYS = tuple(k for k in CONTEXT_KEYS if k != "clusterName")
+# What a stage gets unless its <stage>Overrides say otherwise: production's API load balancer cannot be deleted
+# by accident (ELB deletion protection); staging, like `cdk deploy K8sClusterStack`, stays deletable.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {"production": {"apiLoadBalancerDeletionProtection": True}}
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def stage_cluster_config(get: Callable[[str], Any], target: StageTarget) -> Clus
     """
     base_name = get("clusterName") or "dedicated-k8s"
     name_key = f"{target.name}ClusterName"
-    values: dict[str, Any] = dict(target.overrides)
+    values: dict[str, Any] = {**STAGE_DEFAULTS.get(target.name, {}), **target.overrides}
     values["clusterName"] = target.cluster_name or f"{base_name}-{target.name}"
     if target.account is not None:
         values["account"] = target.account

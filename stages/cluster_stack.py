@@ -72,7 +72,6 @@ class K8sClusterStack(cdk.Stack):
             subnets=network.subnets,
             security_groups=security,
             key=state.key,
-            log_bucket=state.log_bucket,
             notification_topic=alarm_topic.topic,
             agent_config={**agent_config, **irsa_keys},
         )

@@ -1,7 +1,12 @@
 """ClusterState: the cluster's KMS key, snapshot and log buckets, state table and secrets.
 
-Stateful resources are retained when the stack is deleted: an etcd snapshot or the cluster PKI must
-never disappear with a stack operation.
+Stateful resources are retained when the stack is deleted or they are replaced (``RETAINED``): an etcd snapshot
+or the cluster PKI must never disappear with a stack operation. They are not retained when the create that made
+them rolls back (DeletionPolicy ``RetainExceptOnCreate``): a fixed-name resource left behind by a failed first
+deploy would make the next ``cdk deploy`` fail with AlreadyExists, and the failed create never held any state.
+
+The key policy names each AWS service that writes encrypted data for the cluster, with the actions and the
+condition that service's own documentation gives (cited per statement in tests/stacks/test_first_deploy_template.py).
 """
 
 from __future__ import annotations
@@ -17,11 +22,26 @@ from constructs import Construct
 from stages.config import ClusterConfig
 from stages.nag import skip_checkov, suppress
 
+# Every retained resource of the cluster stack (RETAIN_ON_UPDATE_OR_DELETE renders DeletionPolicy
+# RetainExceptOnCreate, UpdateReplacePolicy Retain).
+RETAINED = cdk.RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE
+
 VOLUME_KEY_ACTIONS = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"]
+# "Encrypt log data in CloudWatch Logs using AWS KMS": the Logs service principal's actions.
+LOGS_KEY_ACTIONS = ["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"]
+# "Enable compatibility between event sources from AWS services and encrypted topics" (SNS) and "Configure KMS
+# permissions for AWS services" (SQS): what an AWS service publishing to an encrypted topic or queue needs.
+SNS_EVENT_SOURCE_ACTIONS = ["kms:GenerateDataKey*", "kms:Decrypt"]
+SQS_EVENT_SOURCE_ACTIONS = ["kms:GenerateDataKey", "kms:Decrypt"]
 
 
 def grant_auto_scaling_volumes(key: kms.Key) -> None:
-    """Let EC2 Auto Scaling's service-linked role use ``key`` for the encrypted volumes it launches."""
+    """Let EC2 Auto Scaling's service-linked role use ``key`` for the encrypted volumes it launches (and for the
+    group notifications it publishes to the KMS-encrypted alarm topic: SNS documents Auto Scaling as an event
+    source that is named by its role, not a service principal)."""
+    # The role exists only once the account has used Auto Scaling, and KMS refuses a key policy whose principal
+    # does not exist (MalformedPolicyDocumentException). IamStack creates the service-linked role and the pipeline
+    # checks it before deploying (pipeline/preflight.py, check "autoscaling-service-linked-role").
     autoscaling_role = iam.ArnPrincipal(
         cdk.Stack.of(key).format_arn(
             service="iam",
@@ -49,6 +69,27 @@ def grant_auto_scaling_volumes(key: kms.Key) -> None:
     )
 
 
+def log_group_arns(stack: cdk.Stack, config: ClusterConfig) -> list[str]:
+    """The ARNs of every log group this cluster encrypts with its key: the nodes' groups and the Lambdas'."""
+    names = [
+        f"{config.node_log_group_prefix}*",
+        *(
+            f"/aws/lambda/{name}"
+            for name in (
+                config.etcd_lifecycle_function_name,
+                config.reconciler_function_name,
+                config.cluster_ops_function_name,
+            )
+        ),
+    ]
+    return [
+        stack.format_arn(
+            service="logs", resource="log-group", resource_name=name, arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME
+        )
+        for name in names
+    ]
+
+
 class ClusterState(Construct):
     def __init__(self, scope: Construct, construct_id: str, *, config: ClusterConfig) -> None:
         super().__init__(scope, construct_id)
@@ -59,29 +100,45 @@ class ClusterState(Construct):
             alias=f"alias/{config.resource_prefix}",
             description=f"dedicated-k8s {config.cluster_name}: EBS, snapshots, state table, secrets, queues, logs",
             enable_key_rotation=True,
-            removal_policy=cdk.RemovalPolicy.RETAIN,
+            removal_policy=RETAINED,
         )
         # EC2 Auto Scaling launches instances with CMK-encrypted root volumes through its service-linked
         # role, which needs the key (without this, every launch fails with Client.InternalError).
         grant_auto_scaling_volumes(self.key)
         # Services that write encrypted data for the cluster: logs, the alarm topic, EventBridge -> SQS.
-        for sid, principal in (
-            ("CloudWatchLogs", iam.ServicePrincipal(f"logs.{stack.region}.{stack.url_suffix}")),
-            ("CloudWatchAlarms", iam.ServicePrincipal("cloudwatch.amazonaws.com")),
-            ("EventBridge", iam.ServicePrincipal("events.amazonaws.com")),
-        ):
-            self.key.add_to_resource_policy(
-                iam.PolicyStatement(
-                    sid=sid,
-                    principals=[principal],
-                    actions=["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"],
-                    resources=["*"],
-                    conditions={"StringEquals": {"aws:SourceAccount": stack.account}},
-                )
+        self.key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="CloudWatchLogs",
+                principals=[iam.ServicePrincipal(f"logs.{stack.region}.{stack.url_suffix}")],
+                actions=list(LOGS_KEY_ACTIONS),
+                resources=["*"],
+                # CloudWatch Logs passes the log group's ARN as encryption context: only this cluster's groups.
+                conditions={"ArnLike": {"kms:EncryptionContext:aws:logs:arn": log_group_arns(stack, config)}},
             )
+        )
+        self.key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="CloudWatchAlarms",
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                actions=list(SNS_EVENT_SOURCE_ACTIONS),
+                resources=["*"],
+                # SNS's documented statement for an AWS event source carries no condition; who may publish to the
+                # alarm topic is the topic policy's business.
+            )
+        )
+        self.key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="EventBridge",
+                principals=[iam.ServicePrincipal("events.amazonaws.com")],
+                actions=list(SQS_EVENT_SOURCE_ACTIONS),
+                resources=["*"],
+                # No aws:SourceAccount / aws:SourceArn: AWS documents them as not supported in a key policy for
+                # EventBridge deliveries to encrypted targets (an unsupported condition silently drops every
+                # event). The queue policies admit only this stack's rules (aws:SourceArn there is supported).
+            )
+        )
 
-        # Server access logs, NLB access logs and VPC flow logs. Log-delivery targets cannot use
-        # SSE-KMS (S3 server access logging and NLB access logs require SSE-S3).
+        # S3 server access logs and VPC flow logs. S3 server access logging requires an SSE-S3 target bucket.
         self.log_bucket = s3.Bucket(
             self,
             "LogBucket",
@@ -93,7 +150,7 @@ class ClusterState(Construct):
             lifecycle_rules=[
                 s3.LifecycleRule(expiration=cdk.Duration.days(365), noncurrent_version_expiration=cdk.Duration.days(30))
             ],
-            removal_policy=cdk.RemovalPolicy.RETAIN,
+            removal_policy=RETAINED,
         )
         suppress(
             self.log_bucket, "AwsSolutions-S1", "this is the access-log bucket itself; logging it to itself would loop"
@@ -102,7 +159,7 @@ class ClusterState(Construct):
             self.log_bucket.node.default_child,  # type: ignore[arg-type]
             [
                 ("CKV_AWS_18", "this is the access-log bucket itself"),
-                ("CKV_AWS_145", "log-delivery targets (S3 access logs, NLB logs) support SSE-S3 only"),
+                ("CKV_AWS_145", "S3 server access logging supports SSE-S3 target buckets only"),
             ],
         )
 
@@ -129,7 +186,7 @@ class ClusterState(Construct):
                     abort_incomplete_multipart_upload_after=cdk.Duration.days(1),
                 )
             ],
-            removal_policy=cdk.RemovalPolicy.RETAIN,
+            removal_policy=RETAINED,
         )
 
         self.table = dynamodb.Table(
@@ -143,8 +200,12 @@ class ClusterState(Construct):
             ),
             encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
             encryption_key=self.key,
+            # Deletion protection stays on although it defeats RetainExceptOnCreate for this one table: a rolled-back
+            # create cannot delete it (DeleteTable is refused), so the operator deletes it by hand before retrying
+            # (README). On a running cluster the table holds the "initialised" flag, whose loss would let a node
+            # run kubeadm init again (architecture.md invariant 2): that is worth the manual step.
             deletion_protection=True,
-            removal_policy=cdk.RemovalPolicy.RETAIN,
+            removal_policy=RETAINED,
         )
 
         # Created empty: the values (cluster PKI, the Lambda's etcd and Kubernetes API client certificates,
@@ -163,7 +224,7 @@ class ClusterState(Construct):
             secret = secretsmanager.CfnSecret(
                 self, logical_id, name=name, description=f"dedicated-k8s: {description}", kms_key_id=self.key.key_arn
             )
-            secret.apply_removal_policy(cdk.RemovalPolicy.RETAIN)
+            secret.apply_removal_policy(RETAINED)
             suppress(
                 secret,
                 "AwsSolutions-SMG4",

@@ -45,8 +45,10 @@ CONTEXT_KEYS = (
     "retainNetworkOnDelete",
     "deployedKubernetesVersion",
     "auditLogRetentionDays",
+    "createAutoScalingServiceLinkedRole",
     "irsa",
     "clusterAutoscaler",
+    "apiLoadBalancerDeletionProtection",
 )
 
 # Context keys that belong to someone else: CDK's feature flags and the pipeline's own settings.
@@ -173,10 +175,19 @@ class ClusterConfig:
     # kubernetesVersion this cluster may not move to (lambdas/common/version_skew.py).
     deployed_kubernetes_version: str | None = None
     # IAM Roles for Service Accounts (stages/irsa.py, node_agent/irsa.py): the issuer bucket, the IAM OIDC
-    # provider, the API server's issuer flags and the pod identity webhook. False: none of it.
-    irsa: bool = True
+    # provider, the API server's issuer flags and the pod identity webhook. False (the default): none of it. Opt-in
+    # because the issuer bucket needs a public bucket policy, which account-level S3 Block Public Access (standard
+    # in restricted landing zones) refuses: a first deploy must not depend on public S3 (docs/irsa.md).
+    irsa: bool = False
     # Optional cluster-autoscaler: auto-discovery tags on the worker groups, IAM scoped to them, the add-on.
     cluster_autoscaler: bool = False
+    # IamStack creates AWSServiceRoleForAutoScaling (the KMS key policy names it, and KMS refuses a key policy
+    # whose principal does not exist). Off by default: the role exists in every account that ever used Auto
+    # Scaling, and AWS::IAM::ServiceLinkedRole fails when it already exists.
+    create_auto_scaling_service_linked_role: bool = False
+    # ELB deletion protection on the API load balancer: off for `cdk deploy K8sClusterStack` development use (a
+    # dev cluster can be deleted), on in the pipeline's production stage (pipeline/config.py: STAGE_DEFAULTS).
+    api_load_balancer_deletion_protection: bool = False
 
     @property
     def ami_is_ssm_parameter(self) -> bool:
@@ -199,6 +210,11 @@ class ClusterConfig:
     @property
     def ssm_prefix(self) -> str:
         return f"/dedicated-k8s/{self.cluster_name}"
+
+    @property
+    def node_log_group_prefix(self) -> str:
+        """The nodes' CloudWatch log groups (audit, metrics) are named ``<prefix><kind>``."""
+        return f"/dedicated-k8s/{self.cluster_name}/"
 
     @property
     def cluster_state_table_name(self) -> str:
@@ -431,8 +447,10 @@ class _Parser:
         if not _REGION.match(region):
             self.bad("region", region, "must be an AWS region name such as 'us-east-1'")
         account = self.string("account")
-        irsa = self.boolean("irsa", True)
+        irsa = self.boolean("irsa", False)
         cluster_autoscaler = self.boolean("clusterAutoscaler", False)
+        create_auto_scaling_slr = self.boolean("createAutoScalingServiceLinkedRole", False)
+        api_deletion_protection = self.boolean("apiLoadBalancerDeletionProtection", False)
         if account is not None and not _ACCOUNT.match(account):
             self.bad("account", account, "must be a 12-digit AWS account ID")
         if _CLUSTER_NAME.match(cluster_name) and _REGION.match(region):
@@ -508,6 +526,8 @@ class _Parser:
             deployed_kubernetes_version=deployed,
             irsa=irsa,
             cluster_autoscaler=cluster_autoscaler,
+            create_auto_scaling_service_linked_role=create_auto_scaling_slr,
+            api_load_balancer_deletion_protection=api_deletion_protection,
         )
 
     def _unknown_keys(self) -> list[str]:

@@ -15,13 +15,12 @@ from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from aws_cdk import aws_kms as kms
-from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from stages.config import ClusterConfig
 from stages.nag import suppress
-from stages.nodes import add_lifecycle_hooks, node_launch_template
+from stages.nodes import lifecycle_hooks_at_creation, node_launch_template
 from stages.security import API_PORT, ClusterSecurityGroups
 
 CONTROL_PLANE_LAUNCH_TIMEOUT = 900  # kubeadm init/join, etcd learner catch-up and promotion
@@ -39,7 +38,6 @@ class ControlPlane(Construct):
         subnets: list[ec2.ISubnet],
         security_groups: ClusterSecurityGroups,
         key: kms.IKey,
-        log_bucket: s3.IBucket,
         notification_topic: sns.ITopic,
         agent_config: dict[str, Any],
     ) -> None:
@@ -53,9 +51,14 @@ class ControlPlane(Construct):
             vpc_subnets=ec2.SubnetSelection(subnets=subnets),
             security_groups=[security_groups.api_load_balancer],
             cross_zone_enabled=True,
-            deletion_protection=False,
+            # On in the pipeline's production stage, off for a deletable dev stack (config key
+            # apiLoadBalancerDeletionProtection).
+            deletion_protection=config.api_load_balancer_deletion_protection,
         )
-        self.load_balancer.log_access_logs(log_bucket, "api-nlb")
+        # No NLB access logs: ELB writes them only for TLS listeners, and this listener is TCP (the API server
+        # terminates TLS itself), so they would never be written. Who called the API is recorded by the API
+        # server's audit log (CloudWatch log group /dedicated-k8s/<cluster>/audit); who connected to the NLB by
+        # the VPC flow logs (stages/network.py), which see the NLB's network interfaces.
         listener = self.load_balancer.add_listener("Api", port=API_PORT, protocol=elbv2.Protocol.TCP)
 
         zone_subnets = {subnet.availability_zone: subnet for subnet in subnets}
@@ -96,14 +99,14 @@ class ControlPlane(Construct):
                 group_metrics=[autoscaling.GroupMetrics.all()],
             )
             cdk.Tags.of(group).add(ClusterConfig.ROLE_TAG_KEY, "control-plane", apply_to_launched_instances=True)
-            add_lifecycle_hooks(
+            lifecycle_hooks_at_creation(
                 group,
                 launch_timeout=CONTROL_PLANE_LAUNCH_TIMEOUT,
                 terminate_timeout=CONTROL_PLANE_TERMINATE_TIMEOUT,
                 # ABANDON, together with retain-on-abandon below: if the lifecycle Lambda never answers,
                 # the instance (and its etcd member) stays running in the Retained state and an alarm
                 # calls an operator, instead of terminating a voter whose removal was never checked.
-                terminate_default=autoscaling.DefaultResult.ABANDON,
+                terminate_default="ABANDON",
             )
             cfn_group = group.node.default_child
             assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
@@ -128,6 +131,15 @@ class ControlPlane(Construct):
             port=API_PORT,
             protocol=elbv2.Protocol.TCP,
             targets=targets,
+            # Client IP preservation off (on by default for instance targets): an internal NLB drops a connection
+            # that it routes back to the target that opened it (source = destination, "hairpinning"), and every
+            # control-plane node is both a target and, through kubelet, the CCM and the add-ons, a client of this
+            # NLB. With preservation off the API server sees the NLB's private address as the source; the
+            # control-plane security group admits the NLB's security group (stages/security.py), and client
+            # filtering happens on the NLB's own group. IP targets (TargetType ip) would fix the hairpin too, but
+            # the Auto Scaling groups register instances by ID as they reach InService; IP targets would need a
+            # registration hook of our own for every replacement.
+            preserve_client_ip=False,
             deregistration_delay=cdk.Duration.seconds(30),
             health_check=elbv2.HealthCheck(
                 protocol=elbv2.Protocol.TCP,

@@ -286,7 +286,7 @@ class ImageStack(cdk.Stack):
             alias=f"alias/{self.config.resource_prefix}-ami",
             description=f"dedicated-k8s {self.config.cluster_name}: the Kubernetes AMI, its build volumes and logs",
             enable_key_rotation=True,
-            removal_policy=cdk.RemovalPolicy.RETAIN,
+            removal_policy=cdk.RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE,  # not on a rolled-back create
         )
         # EC2 Auto Scaling launches the cluster's nodes from this AMI through its service-linked role.
         grant_auto_scaling_volumes(key)
@@ -344,7 +344,7 @@ class ImageStack(cdk.Stack):
                     abort_incomplete_multipart_upload_after=cdk.Duration.days(1),
                 )
             ],
-            removal_policy=cdk.RemovalPolicy.RETAIN,
+            removal_policy=cdk.RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE,  # not on a rolled-back create
         )
         reason = "holds only Image Builder build logs (written by the build role); logging a log bucket needs another"
         suppress(bucket, "AwsSolutions-S1", reason)

@@ -73,7 +73,8 @@ class ServiceAccountIssuer(Construct):
                     abort_incomplete_multipart_upload_after=cdk.Duration.days(1),
                 )
             ],
-            removal_policy=cdk.RemovalPolicy.RETAIN,
+            # Not retained when the create that made it rolls back (the fixed name would block the retry).
+            removal_policy=cdk.RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE,
         )
         self.bucket.add_to_resource_policy(
             iam.PolicyStatement(

@@ -8,7 +8,7 @@ Blue/green: a second cluster imports the first one's VPC and subnets (``vpcId``.
 services' private DNS names for the whole VPC (a second private-DNS endpoint for the same service is
 refused by EC2), and its gateway endpoints already route the shared route tables. With
 ``retainNetworkOnDelete`` the VPC, its subnets, routes, endpoints and their security group outlive the
-stack (DeletionPolicy Retain), so the first cluster can be deleted while the second still uses them.
+stack (DeletionPolicy RetainExceptOnCreate), so the first cluster can be deleted while the second still uses them.
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ class ClusterNetwork(Construct):
 
     def _retain_network(self) -> None:
         """Every network resource this construct creates outlives the stack, except the flow log (it writes to
-        this cluster's log bucket; a cluster that imports the VPC has its own)."""
+        this cluster's log bucket; a cluster that imports the VPC has its own). Not when the create that made them
+        rolls back: no other cluster can be using a network whose first deploy failed, and a retained half-made
+        VPC would only be left for an operator to find."""
         for child in self.node.find_all():
             if isinstance(child, cdk.CfnResource) and not isinstance(child, ec2.CfnFlowLog):
-                child.apply_removal_policy(cdk.RemovalPolicy.RETAIN)
+                child.apply_removal_policy(cdk.RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE)

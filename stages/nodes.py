@@ -83,26 +83,41 @@ def node_launch_template(
     return template
 
 
-def add_lifecycle_hooks(
+LAUNCH_HOOK_NAME = "dk8s-launch"
+TERMINATE_HOOK_NAME = "dk8s-terminate"
+
+
+def lifecycle_hooks_at_creation(
     group: autoscaling.AutoScalingGroup,
     *,
     launch_timeout: int,
     terminate_timeout: int,
-    terminate_default: autoscaling.DefaultResult,
+    terminate_default: str,
 ) -> None:
-    # Launch: the agent completes with CONTINUE only when the node is healthy; if it never answers,
-    # ABANDON terminates the instance and the group launches a fresh one (healthy before InService).
-    group.add_lifecycle_hook(
-        "LaunchHook",
-        lifecycle_hook_name="dk8s-launch",
-        lifecycle_transition=autoscaling.LifecycleTransition.INSTANCE_LAUNCHING,
-        heartbeat_timeout=cdk.Duration.seconds(launch_timeout),
-        default_result=autoscaling.DefaultResult.ABANDON,
-    )
-    group.add_lifecycle_hook(
-        "TerminateHook",
-        lifecycle_hook_name="dk8s-terminate",
-        lifecycle_transition=autoscaling.LifecycleTransition.INSTANCE_TERMINATING,
-        heartbeat_timeout=cdk.Duration.seconds(terminate_timeout),
-        default_result=terminate_default,
-    )
+    """The group's launch and terminate hooks, in its ``LifecycleHookSpecificationList``.
+
+    Not ``group.add_lifecycle_hook``: that creates separate ``AWS::AutoScaling::LifecycleHook`` resources, which
+    CloudFormation creates only after the group, whose first instances are then already launching without a hook
+    (no Pending:Wait, so a control-plane node goes InService before it is healthy). Hooks in the specification list
+    are created with the group, before any instance. ``terminate_default`` is ``"ABANDON"`` or ``"CONTINUE"``.
+    """
+    if terminate_default not in ("ABANDON", "CONTINUE"):
+        raise ValueError(f"terminate_default {terminate_default!r}: a lifecycle hook's default is ABANDON or CONTINUE")
+    cfn_group = group.node.default_child
+    assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
+    cfn_group.lifecycle_hook_specification_list = [
+        # Launch: the agent completes with CONTINUE only when the node is healthy; if it never answers,
+        # ABANDON terminates the instance and the group launches a fresh one (healthy before InService).
+        autoscaling.CfnAutoScalingGroup.LifecycleHookSpecificationProperty(
+            lifecycle_hook_name=LAUNCH_HOOK_NAME,
+            lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING",
+            heartbeat_timeout=launch_timeout,
+            default_result="ABANDON",
+        ),
+        autoscaling.CfnAutoScalingGroup.LifecycleHookSpecificationProperty(
+            lifecycle_hook_name=TERMINATE_HOOK_NAME,
+            lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING",
+            heartbeat_timeout=terminate_timeout,
+            default_result=terminate_default,
+        ),
+    ]

@@ -45,9 +45,11 @@ class NodeLogGroups(Construct):
             self.groups[kind] = logs.LogGroup(
                 self,
                 kind.capitalize(),
-                log_group_name=f"/dedicated-k8s/{config.cluster_name}/{kind}",
+                log_group_name=f"{config.node_log_group_prefix}{kind}",
                 encryption_key=key,
-                removal_policy=cdk.RemovalPolicy.RETAIN,
+                # Kept on stack deletion, not when the create that made it rolls back: a leftover fixed-name group
+                # would fail the retried create with AlreadyExists.
+                removal_policy=cdk.RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE,
             )
             # Set on the L1: the configured value is already one CloudWatch accepts (ClusterConfig checks it).
             cfn = self.groups[kind].node.default_child

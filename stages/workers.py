@@ -12,7 +12,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from stages.config import ClusterConfig
-from stages.nodes import add_lifecycle_hooks, node_launch_template
+from stages.nodes import lifecycle_hooks_at_creation, node_launch_template
 from stages.security import ClusterSecurityGroups
 
 
@@ -72,11 +72,11 @@ class Workers(Construct):
                 # cluster-autoscaler's ASG auto-discovery: both tags, so a blue/green neighbour's groups never match.
                 for tag, value in autoscaler_discovery_tags(config.cluster_name).items():
                     cdk.Tags.of(group).add(tag, value, apply_to_launched_instances=False)
-            add_lifecycle_hooks(
+            lifecycle_hooks_at_creation(
                 group,
                 launch_timeout=WORKER_LAUNCH_TIMEOUT,
                 terminate_timeout=WORKER_TERMINATE_TIMEOUT,
                 # CONTINUE: a worker holds no quorum; if the drain does not finish, termination goes on.
-                terminate_default=autoscaling.DefaultResult.CONTINUE,
+                terminate_default="CONTINUE",
             )
             self.groups.append(group)

@@ -73,7 +73,6 @@ MUST_BE_NAMED = (
     "AWS::DynamoDB::Table",
     "AWS::SecretsManager::Secret",
     "AWS::AutoScaling::AutoScalingGroup",
-    "AWS::AutoScaling::LifecycleHook",
     "AWS::Logs::LogGroup",
     "AWS::ElasticLoadBalancingV2::LoadBalancer",
 )
@@ -157,10 +156,9 @@ def physical_names(cluster: Cluster) -> dict[tuple[str, str], str]:
     for stack, template in cluster.templates.items():
         for logical_id, resource in template.get("Resources", {}).items():
             kind, props = resource["Type"], resource.get("Properties", {})
-            if kind == "AWS::AutoScaling::LifecycleHook":  # hook names are scoped to their group
-                value: Any = [props.get("AutoScalingGroupName"), props.get("LifecycleHookName")]
-            elif kind in NAME_PROPERTIES and NAME_PROPERTIES[kind] in props and kind != "AWS::EC2::VPC":
-                value = props[NAME_PROPERTIES[kind]]
+            # (Lifecycle hooks live inside their group's LifecycleHookSpecificationList: scoped by the group name.)
+            if kind in NAME_PROPERTIES and NAME_PROPERTIES[kind] in props and kind != "AWS::EC2::VPC":
+                value: Any = props[NAME_PROPERTIES[kind]]
             else:
                 continue
             canonical = json.dumps(_resolve(value, stack, template), sort_keys=True)
@@ -252,18 +250,20 @@ def test_only_one_private_dns_endpoint_per_service_in_the_shared_vpc(blue: Clust
 
 
 def test_blue_retains_the_shared_network_when_it_is_deleted(blue: Cluster) -> None:
+    # RetainExceptOnCreate: kept when blue is deleted or replaced, deleted only if blue's own create rolls back
+    # (then no green can be using it yet): CloudFormation's DeletionPolicy attribute documentation.
     (template,) = [t for name, t in blue.templates.items() if name.endswith("-cluster")]
     retained = {"AWS::EC2::VPC", "AWS::EC2::Subnet", "AWS::EC2::RouteTable", "AWS::EC2::VPCEndpoint"}
     seen: set[str] = set()
     for logical_id, resource in template["Resources"].items():
         if resource["Type"] in retained:
             seen.add(resource["Type"])
-            assert resource.get("DeletionPolicy") == "Retain", logical_id
+            assert resource.get("DeletionPolicy") == "RetainExceptOnCreate", logical_id
             assert resource.get("UpdateReplacePolicy") == "Retain", logical_id
         if resource["Type"] == "AWS::EC2::FlowLog":
             assert "DeletionPolicy" not in resource, "the flow log writes to blue's own bucket and goes with it"
         if resource["Type"] == "AWS::EC2::SecurityGroup" and "endpoint" in resource["Properties"]["GroupDescription"]:
-            assert resource.get("DeletionPolicy") == "Retain"
+            assert resource.get("DeletionPolicy") == "RetainExceptOnCreate"
     assert seen == retained
 
 

@@ -179,8 +179,10 @@ def test_audit_log_retention_defaults_to_a_year_and_accepts_cloudwatch_periods()
     assert config_with(auditLogRetentionDays="90").audit_log_retention_days == 90  # `-c key=value` gives a string
 
 
-def test_irsa_is_on_by_default_and_the_switch_takes_json_or_command_line_booleans() -> None:
-    assert config_with().irsa is True
+def test_irsa_is_off_by_default_and_the_switch_takes_json_or_command_line_booleans() -> None:
+    # Opt-in: the issuer bucket's public policy needs an account without S3 Block Public Access (docs/irsa.md).
+    assert config_with().irsa is False
+    assert config_with(irsa=True).irsa is True
     assert config_with(irsa=False).irsa is False
     assert config_with(irsa="false").irsa is False  # `-c irsa=false`
     assert config_with(irsa="true").irsa is True
@@ -212,8 +214,35 @@ def test_every_accepted_cluster_name_leaves_the_irsa_issuer_bucket_within_s3s_li
     for length in range(3, 25):
         name = ("a" * length)[:length]
         try:
-            config = ClusterConfig.from_mapping({"clusterName": name, "region": region})
+            config = ClusterConfig.from_mapping({"clusterName": name, "region": region, "irsa": True})
         except ConfigError as err:
             assert "use at most" in str(err)
             continue
         assert len(config.irsa_issuer_bucket_name("1" * 12, region)) <= 63, name
+
+
+def test_api_load_balancer_deletion_protection_is_a_typed_per_stage_switch_off_by_default() -> None:
+    assert config_with().api_load_balancer_deletion_protection is False
+    assert config_with(apiLoadBalancerDeletionProtection=True).api_load_balancer_deletion_protection is True
+    assert config_with(apiLoadBalancerDeletionProtection="true").api_load_balancer_deletion_protection is True
+    message = error_for(apiLoadBalancerDeletionProtection="on")
+    assert "'apiLoadBalancerDeletionProtection' = \"on\"" in message and "true or false" in message
+
+
+def test_the_production_stage_turns_deletion_protection_on_unless_its_overrides_say_otherwise() -> None:
+    from pipeline.config import PipelineSettings
+
+    def stages(**context: Any) -> PipelineSettings:
+        values = {**default_context(), **context}
+        return PipelineSettings.from_context(values.get)
+
+    default = stages()
+    assert default.production.config is not None and default.staging.config is not None
+    assert default.production.config.api_load_balancer_deletion_protection is True
+    assert default.staging.config.api_load_balancer_deletion_protection is False
+    # The base context is the dev stack's: it does not turn production's protection off.
+    assert stages(apiLoadBalancerDeletionProtection=False).production.config.api_load_balancer_deletion_protection  # type: ignore[union-attr]
+    off = stages(productionOverrides={"apiLoadBalancerDeletionProtection": False}).production.config
+    assert off is not None and off.api_load_balancer_deletion_protection is False
+    with pytest.raises(ConfigError, match="apiLoadBalancerDeletionProtection"):
+        stages(productionOverrides={"apiLoadBalancerDeletionProtection": "maybe"})

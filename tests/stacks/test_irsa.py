@@ -1,6 +1,7 @@
 """IRSA in the templates: the issuer bucket exposes exactly two objects, the IAM OIDC provider trusts that issuer
 for ``sts.amazonaws.com``, the control-plane role may write exactly those two objects, and ``irsa=false`` removes
-all of it."""
+all of it. IRSA is opt-in (the default is off, tests/stacks/test_first_deploy_template.py), so the templates here
+are synthesized with ``irsa: true``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,22 @@ def render(value: Any, ids: dict[str, str] | None = None) -> Any:
         logical_id, attribute = value["Fn::GetAtt"]
         return f"arn:{PARTITION}:s3:::{ids[logical_id]}" if attribute == "Arn" else f"{logical_id}.{attribute}"
     return value
+
+
+@pytest.fixture(scope="module")
+def with_irsa(synth: Callable[[dict[str, Any]], dict[str, Template]]) -> dict[str, Template]:
+    return synth({"irsa": True})
+
+
+# This module's cluster_template / iam_template are the IRSA-on templates (they shadow the default ones).
+@pytest.fixture(scope="module")
+def cluster_template(with_irsa: dict[str, Template]) -> Template:
+    return with_irsa["K8sClusterStack"]
+
+
+@pytest.fixture(scope="module")
+def iam_template(with_irsa: dict[str, Template]) -> Template:
+    return with_irsa["IamStack"]
 
 
 def issuer_bucket(template: Template) -> tuple[str, dict[str, Any]]:
@@ -72,7 +89,8 @@ def test_the_issuer_bucket_is_encrypted_versioned_logged_and_never_acl_public(cl
     assert props["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
     block = props["PublicAccessBlockConfiguration"]
     assert block["BlockPublicAcls"] is True and block["IgnorePublicAcls"] is True
-    assert bucket["DeletionPolicy"] == "Retain"
+    # Kept on delete and replacement, not when its own create rolls back (the fixed name would block the retry).
+    assert bucket["DeletionPolicy"] == "RetainExceptOnCreate" and bucket["UpdateReplacePolicy"] == "Retain"
     tls_only = [
         s
         for s in bucket_policy_statements(cluster_template, logical_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,10 @@ from scripts.synth_and_check import Synthesis, run_cfn_lint, run_checkov, synthe
 pytestmark = [pytest.mark.policy, pytest.mark.xdist_group("policy")]
 
 STACKS = ("IamStack", "K8sClusterStack")
-# stages/irsa.py: the IRSA issuer bucket's two anonymously readable objects are inherent (STS reads them without
-# credentials): CKV_AWS_54, CKV_AWS_56 and CKV_AWS_70 (public policy) and CKV_AWS_145 (SSE-S3: an anonymous reader
-# cannot use KMS), skipped with that reason in each of the three cluster stacks (app, Staging, Production).
+# stages/irsa.py (irsa: true, opt-in): the IRSA issuer bucket's two anonymously readable objects are inherent (STS
+# reads them without credentials): CKV_AWS_54, CKV_AWS_56 and CKV_AWS_70 (public policy) and CKV_AWS_145 (SSE-S3: an
+# anonymous reader cannot use KMS), skipped with that reason in each of the three cluster stacks (app, Staging,
+# Production). The default app has IRSA off, so none of them; the IRSA-on app is checked below.
 IRSA_SKIPS = 4 * 3
 
 
@@ -49,7 +51,25 @@ def test_checkov_fails_nothing(synthesis: Synthesis) -> None:
     passed, skipped, failed = run_checkov(Path(synthesis.outdir))
     assert failed == []
     assert passed > 100
-    assert skipped < 40 + IRSA_SKIPS  # every skip carries its reason in the resource's metadata
+    assert skipped < 40  # every skip carries its reason in the resource's metadata
+
+
+@pytest.fixture(scope="module")
+def irsa_synthesis(tmp_path_factory: pytest.TempPathFactory) -> Synthesis:
+    context = {**json.loads((Path(__file__).resolve().parents[2] / "cdk.json").read_text())["context"], "irsa": True}
+    return synthesize(tmp_path_factory.mktemp("cdk.out-irsa"), context)
+
+
+def test_the_irsa_app_passes_cfn_lint_cdk_nag_and_checkov_with_only_the_issuers_skips(
+    synthesis: Synthesis, irsa_synthesis: Synthesis
+) -> None:
+    assert run_cfn_lint(list(irsa_synthesis.templates.values())) == []
+    assert irsa_synthesis.nag_findings == []
+    _, default_skipped, _ = run_checkov(Path(synthesis.outdir))
+    passed, skipped, failed = run_checkov(Path(irsa_synthesis.outdir))
+    assert failed == []
+    assert passed > 100
+    assert skipped == default_skipped + IRSA_SKIPS
 
 
 def test_cdk_nag_has_no_unsuppressed_finding(synthesis: Synthesis) -> None:
