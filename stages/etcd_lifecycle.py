@@ -4,7 +4,17 @@ every terminating node (control plane and workers) before its terminate hook com
 Terminate events (control-plane and worker groups) go EventBridge -> SQS -> lifecycle Lambda. The queue is
 the retry mechanism: when a drain or a removal cannot finish yet the Lambda heartbeats the hook and
 re-enqueues the event with a delay (no Lambda ever sleeps for minutes), and a crash simply redelivers the
-message. Why the drain of ASG terminate hooks is here and not in aws-node-termination-handler: see
+message.
+
+One membership change at a time (invariant 4a, docs/architecture.md) is kept by the membership writer lease
+in the cluster-state table (lambdas/common/writer_lease.py), not by reserved concurrency: Lambda keeps at
+least 100 unreserved concurrent executions per account ("Configuring reserved concurrency for a function",
+AWS Lambda Developer Guide), so an account whose concurrency quota is 10 cannot reserve any and stack creation
+failed. The SQS event source is capped at MaximumConcurrency 2 (the smallest value Lambda accepts, ScalingConfig
+in the Lambda API reference) so a burst of terminations does not fan out into invocations that would only find
+the lease held and re-enqueue.
+
+Why the drain of ASG terminate hooks is here and not in aws-node-termination-handler: see
 lambdas/common/termination.py (NTH completes the hook right after its drain, so it cannot be ordered before
 the etcd removal, and it never deletes the Node object).
 """
@@ -38,6 +48,11 @@ RECONCILE_EVERY = cdk.Duration.minutes(5)
 # scale-in or the etcd removal. Shorter than the removal deadline, so the removal still has its time.
 DRAIN_DEADLINE_SECONDS = 600
 TERMINATE_EVENT = "EC2 Instance-terminate Lifecycle Action"
+# Longer than the function timeout: an invocation cannot outlive its timeout, so a live writer never has its
+# lease taken over; a dead one's is free again after this.
+WRITER_LEASE_SECONDS = int(FUNCTION_TIMEOUT.to_seconds()) * 2
+# ScalingConfig.MaximumConcurrency: Lambda's minimum (2..1000).
+LIFECYCLE_MAX_CONCURRENCY = 2
 
 
 class EtcdLifecycle(Construct):
@@ -94,19 +109,22 @@ class EtcdLifecycle(Construct):
             "KUBE_CLIENT_SECRET_NAME": config.kube_client_secret_name,
             "WORKER_GROUP_NAMES": ",".join(config.worker_group_name(g) for g in config.worker_groups),
             "DRAIN_DEADLINE_SECONDS": str(DRAIN_DEADLINE_SECONDS),
+            # The membership writer lease (lambdas/common/writer_lease.py).
+            "CLUSTER_STATE_TABLE": config.cluster_state_table_name,
+            "WRITER_LEASE_SECONDS": str(WRITER_LEASE_SECONDS),
         }
         code = lambda_code()
 
-        def function(
-            logical_id: str, name: str, handler: str, role_name: str, *, concurrency: int | None, description: str
-        ) -> lambda_.Function:
+        def function(logical_id: str, name: str, handler: str, role_name: str, *, description: str) -> lambda_.Function:
             log_group = logs.LogGroup(
                 self,
                 f"{logical_id}Logs",
                 log_group_name=f"/aws/lambda/{name}",
                 retention=logs.RetentionDays.THREE_MONTHS,
                 encryption_key=key,
-                removal_policy=cdk.RemovalPolicy.RETAIN,
+                # Kept on update and delete, but removed when the create that made it rolls back: a fixed-name
+                # log group left behind by a failed first deploy would block the retry ("already exists").
+                removal_policy=cdk.RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE,
             )
             created = lambda_.Function(
                 self,
@@ -126,7 +144,6 @@ class EtcdLifecycle(Construct):
                 timeout=FUNCTION_TIMEOUT,
                 memory_size=256,
                 tracing=lambda_.Tracing.ACTIVE,
-                reserved_concurrent_executions=concurrency,
                 log_group=log_group,
             )
             skip_checkov(
@@ -135,14 +152,12 @@ class EtcdLifecycle(Construct):
             )
             return created
 
-        # Reserved concurrency 1: membership changes are serialised (invariant 4a, one change at a time),
-        # so two terminations at once are handled one after the other against fresh membership.
+        # No reserved concurrency (see the module docstring): the writer lease serialises membership changes.
         self.lifecycle_function = function(
             "LifecycleFunction",
             config.etcd_lifecycle_function_name,
             "lambdas.etcd_lifecycle.handler.handle",
             config.etcd_lifecycle_role_name,
-            concurrency=1,
             description="Drains a terminating node; for control-plane nodes then removes the etcd member safely; "
             "then completes the hook",
         )
@@ -151,7 +166,6 @@ class EtcdLifecycle(Construct):
             config.reconciler_function_name,
             "lambdas.reconciler.handler.handle",
             config.reconciler_role_name,
-            concurrency=1,
             description="Removes etcd members whose instances no longer exist (level-triggered)",
         )
         self.ops_function = function(
@@ -159,12 +173,13 @@ class EtcdLifecycle(Construct):
             config.cluster_ops_function_name,
             "lambdas.cluster_ops.handler.handle",
             config.reconciler_role_name,
-            concurrency=2,
             description="Read-only etcd status and the canary's sentinel key",
         )
 
         self.lifecycle_function.add_event_source(
-            sources.SqsEventSource(self.queue, batch_size=1, report_batch_item_failures=True)
+            sources.SqsEventSource(
+                self.queue, batch_size=1, report_batch_item_failures=True, max_concurrency=LIFECYCLE_MAX_CONCURRENCY
+            )
         )
         self.terminate_rule = events.Rule(
             self,

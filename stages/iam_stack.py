@@ -16,6 +16,7 @@ from aws_cdk import aws_iam as iam
 from cdk_nag import RegexAppliesTo
 from constructs import Construct
 
+from lambdas.common.writer_lease import LEASE_KEY
 from stages.config import ClusterConfig
 from stages.irsa import issuer_writer_statements
 from stages.nag import skip_checkov, suppress
@@ -119,6 +120,9 @@ AUTOSCALER_DESCRIBE_ACTIONS = (
 )
 # ... and the two writes, on this cluster's worker groups only (never a control-plane group).
 AUTOSCALER_SCALE_ACTIONS = ("autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup")
+# The lifecycle Lambda's membership writer lease: a conditional put to take it, a conditional delete to give
+# it back (lambdas/common/writer_lease.py, whose item key LEASE_KEY the grant is limited to).
+WRITER_LEASE_ACTIONS = ("dynamodb:PutItem", "dynamodb:DeleteItem")
 CCM_CREATE_ACTIONS = (
     "ec2:CreateSecurityGroup",
     "ec2:CreateTags",
@@ -226,6 +230,19 @@ class IamStack(cdk.Stack):
         self._worker_policy()
         self._lambda_policies()
         self._image_builder_policy()
+
+        # Opt-in (createAutoScalingServiceLinkedRole): the cluster's KMS key policy names this role, and KMS
+        # refuses a key policy whose principal does not exist; an account that never used Auto Scaling lacks it.
+        # Never by default: AWS::IAM::ServiceLinkedRole fails when the role already exists (every account that
+        # used Auto Scaling once). The preflight check says which of the two applies.
+        self.auto_scaling_service_linked_role: iam.CfnServiceLinkedRole | None = None
+        if config.create_auto_scaling_service_linked_role:
+            self.auto_scaling_service_linked_role = iam.CfnServiceLinkedRole(
+                self,
+                "AutoScalingServiceLinkedRole",
+                aws_service_name="autoscaling.amazonaws.com",
+                description="EC2 Auto Scaling's service-linked role (launches the cluster's KMS-encrypted volumes)",
+            )
 
     # ---- ARNs built from the deterministic names (the resources are created later) ----------
 
@@ -526,6 +543,16 @@ class IamStack(cdk.Stack):
                         sid="KubeClientCertificate",
                         actions=["secretsmanager:GetSecretValue"],
                         resources=[self._secret_arn(config.kube_client_secret_name)],
+                    )
+                )
+                # The membership writer lease (lambdas/common/writer_lease.py): that one item of the
+                # cluster-state table, never the bootstrap/initialised item the nodes own (LeadingKeys).
+                statements.append(
+                    iam.PolicyStatement(
+                        sid="MembershipWriterLease",
+                        actions=list(WRITER_LEASE_ACTIONS),
+                        resources=[self._table_arn],
+                        conditions={"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [LEASE_KEY]}},
                     )
                 )
                 statements.append(

@@ -1,8 +1,9 @@
 """The level-triggered reconciler (invariant 6): compare etcd's membership with the control-plane
 instances and ask the lifecycle Lambda, through its queue, to remove what should not be there.
 
-It never changes the membership itself: the lifecycle Lambda (reserved concurrency 1) is the single
-writer, so a reconcile run and a terminate event can never remove two members at once. What it asks for:
+It never changes the membership itself: the lifecycle Lambda, holding the membership writer lease
+(lambdas/common/writer_lease.py), is the single writer, so a reconcile run and a terminate event can never
+remove two members at once. What it asks for:
 
 * an instance waiting in ``Terminating:Wait`` (its event was lost or is slow): the same removal and hook
   completion the event would have caused;

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from aws_cdk.assertions import Template
 
+from lambdas.common.writer_lease import LEASE_KEY
+from stages.config import ClusterConfig, ConfigError
 from stages.iam_stack import (
     CCM_CREATE_ACTIONS,
     CCM_DESCRIBE_ACTIONS,
@@ -150,3 +152,55 @@ def test_npx_cdk_synth_works_offline_without_credentials(tmp_path: Path) -> None
     produced = {path.name for path in (tmp_path / "out").glob("*.template.json")}
     assert {"IamStack.template.json", "K8sClusterStack.template.json"} <= produced
     print(f"npx cdk synth took {elapsed:.1f} s")
+
+
+def test_the_lifecycle_lambda_may_write_only_the_writer_lease_item_of_the_cluster_state_table(
+    iam_template: Template,
+) -> None:
+    """The lease is one conditional PutItem and one conditional DeleteItem (lambdas/common/writer_lease.py).
+    ``dynamodb:LeadingKeys`` limits them to items whose partition key is the lease's ("Using IAM policy
+    conditions for fine-grained access control", Amazon DynamoDB Developer Guide): the Lambda can never
+    overwrite the nodes' bootstrap lock or "initialised" item."""
+    policies = iam_template.find_resources("AWS::IAM::Policy")
+    (lifecycle,) = [p for logical_id, p in policies.items() if logical_id.startswith("EtcdLifecycleRolePolicy")]
+    table_statements = [
+        s
+        for s in lifecycle["Properties"]["PolicyDocument"]["Statement"]
+        if any(a.startswith("dynamodb:") for a in as_list(s["Action"]))
+    ]
+    assert len(table_statements) == 1
+    (lease,) = table_statements
+    assert sorted(as_list(lease["Action"])) == ["dynamodb:DeleteItem", "dynamodb:PutItem"]
+    assert lease["Condition"] == {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [LEASE_KEY]}}
+    assert json.dumps(lease["Resource"]).endswith(':table/dk8s-dedicated-k8s-cluster-state"]]}')
+    (reconciler,) = [p for logical_id, p in policies.items() if logical_id.startswith("EtcdReconcilerRolePolicy")]
+    assert "dynamodb:" not in json.dumps(reconciler), "the reconciler never writes membership, so no lease"
+
+
+def test_the_auto_scaling_service_linked_role_is_not_created_by_default(templates: dict[str, Template]) -> None:
+    """AWS::IAM::ServiceLinkedRole fails when the role exists already, as it does in every account that has
+    used Auto Scaling (AWS::IAM::ServiceLinkedRole, AWS CloudFormation Template Reference; "Service-linked
+    roles for Amazon EC2 Auto Scaling"): a default stack must deploy there."""
+    for name, template in templates.items():
+        assert template.find_resources("AWS::IAM::ServiceLinkedRole") == {}, name
+
+
+def test_create_auto_scaling_service_linked_role_creates_exactly_that_role_in_iam_stack(
+    synth: Callable[..., dict[str, Template]],
+) -> None:
+    """Opt-in for an account that never used Auto Scaling: the cluster key's policy names
+    AWSServiceRoleForAutoScaling, and KMS refuses a key policy whose principal does not exist. IamStack is
+    deployed before K8sClusterStack, so the role exists when the key is created."""
+    templates = synth({"createAutoScalingServiceLinkedRole": True})
+    roles = templates["IamStack"].find_resources("AWS::IAM::ServiceLinkedRole")
+    assert [r["Properties"]["AWSServiceName"] for r in roles.values()] == ["autoscaling.amazonaws.com"]
+    others = [
+        name for name, t in templates.items() if name != "IamStack" and t.find_resources("AWS::IAM::ServiceLinkedRole")
+    ]
+    assert others == []
+
+
+def test_create_auto_scaling_service_linked_role_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match="createAutoScalingServiceLinkedRole") as caught:
+        ClusterConfig.from_mapping({"createAutoScalingServiceLinkedRole": "sometimes"})
+    assert '"sometimes": must be true or false' in str(caught.value)
