@@ -201,9 +201,10 @@ class ClusterState(Construct):
             encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
             encryption_key=self.key,
             # Deletion protection stays on although it defeats RetainExceptOnCreate for this one table: a rolled-back
-            # create cannot delete it (DeleteTable is refused), so the operator deletes it by hand before retrying
-            # (README). On a running cluster the table holds the "initialised" flag, whose loss would let a node
-            # run kubeadm init again (architecture.md invariant 2): that is worth the manual step.
+            # create cannot delete it (DeleteTable is refused while protection is on), so before retrying the
+            # operator turns protection off and deletes the table. On a running cluster the table holds the
+            # "initialised" flag, whose loss would let a node run kubeadm init again (architecture.md invariant 2):
+            # that is worth the manual step.
             deletion_protection=True,
             removal_policy=RETAINED,
         )
