@@ -11,7 +11,7 @@ from aws_cdk.assertions import Template
 from stages.etcd_lifecycle import FUNCTION_TIMEOUT
 
 
-def functions(template: Template) -> dict[str, dict[str, Any]]:
+def functions(template: Template) -> dict[str, Any]:
     return {str(r["Properties"]["FunctionName"]): r for r in template.find_resources("AWS::Lambda::Function").values()}
 
 
