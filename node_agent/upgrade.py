@@ -213,8 +213,7 @@ class ClusterUpgrade:
         """Read-modify-replace kube-system/kubeadm-config; False if it already says ``version`` (or newer)."""
         base = ["kubectl", "--kubeconfig", str(kubeconfig), "--namespace", "kube-system"]
         for attempt in range(attempts):
-            got = self.runner.run([*base, "get", "configmap", "kubeadm-config", "--output", "json"], timeout=60)
-            cm = json.loads(got.check().stdout)
+            cm = json.loads(self._get_kubeadm_config(base))
             text = str(cm.get("data", {}).get("ClusterConfiguration", ""))
             match = _VERSION_LINE.search(text)
             if match is None:
@@ -232,6 +231,20 @@ class ClusterUpgrade:
                 error=(result.stderr or result.stdout).strip()[-200:])  # fmt: skip
             time.sleep(0.2)
         raise AgentError(f"could not update kubeadm-config to v{version} after {attempts} attempts")
+
+    def _get_kubeadm_config(self, base: list[str]) -> str:
+        """The ConfigMap as JSON, asked through controlPlaneEndpoint (the load balancer: this node joins later).
+        Retried until ``health_timeout_seconds``: right after the initialiser's launch completes, the NLB has
+        registered it but not yet seen it pass ``healthy_threshold`` checks, and has no target to send us to."""
+        argv = [*base, "get", "configmap", "kubeadm-config", "--output", "json"]
+        deadline = time.monotonic() + self.settings.health_timeout_seconds
+        while True:
+            got = self.runner.run(argv, timeout=60)
+            if got.ok or time.monotonic() >= deadline:
+                return got.check().stdout
+            log(LOG, 10, "kubeadm-config not readable through the API endpoint yet",
+                error=(got.stderr or got.stdout).strip()[-200:])  # fmt: skip
+            time.sleep(self.settings.poll_interval_seconds)
 
     def after_init(self) -> None:
         """``kubeadm init`` installed the add-ons of my version: record that, and my own version."""
