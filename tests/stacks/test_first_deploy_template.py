@@ -233,10 +233,6 @@ def test_the_setting_is_per_stage_and_production_may_still_say_otherwise() -> No
 
 # -- 5. retained, except when the create that made them rolls back -----------------------------------------
 
-# stages/etcd_lifecycle.py's Lambda log groups belong to the etcd-lifecycle work, which moves them to
-# RetainExceptOnCreate in its own change; until then they are accepted either way (only these three).
-ETCD_LIFECYCLE_LOG_GROUPS = ("EtcdLifecycleLifecycleFunctionLogs", "EtcdLifecycleReconcilerFunctionLogs",
-                             "EtcdLifecycleClusterOpsFunctionLogs")  # fmt: skip
 # Fixed-name stateful resources: left behind by a rolled-back create, each would fail the retry with AlreadyExists.
 FIXED_NAMES = {
     "AWS::DynamoDB::Table": "TableName",
@@ -273,8 +269,6 @@ def test_every_retained_resource_is_retained_except_on_create(synth: Synth, over
         assert kept, stack
         for logical_id, resource in kept.items():
             assert resource["UpdateReplacePolicy"] == "Retain", logical_id
-            if logical_id.startswith(ETCD_LIFECYCLE_LOG_GROUPS):
-                continue
             assert resource["DeletionPolicy"] == "RetainExceptOnCreate", (stack, logical_id)
         for kind, name_property in FIXED_NAMES.items():
             for logical_id, resource in resources(template, kind).items():
