@@ -55,6 +55,8 @@ class Versions:
     kubelet_csr_approver_image: str
     cluster_autoscaler_image: str
     pod_identity_webhook_image: str
+    # (minor, first patch whose kubeadm the cluster can run), from versions.json "kubernetesFloors".
+    kubernetes_floors: tuple[tuple[str, str], ...] = ()
 
     @property
     def kubernetes_minor(self) -> str:
@@ -156,7 +158,9 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
     if not isinstance(cni, list) or not cni or not all(isinstance(i, str) and _IMAGE.match(i) for i in cni):
         problems.append(f"'images.cni' = {json.dumps(cni)}: must be a non-empty list; each entry {image}")
         cni = []
-    known = {"_comment", "kubernetes", "etcd", "containerd", "runc", "cniPlugins", "crictl", "images"}
+    floors = _kubernetes_floors(raw.get("kubernetesFloors"), kubernetes, problems)
+    known = {"_comment", "kubernetes", "kubernetesFloors", "etcd", "containerd", "runc", "cniPlugins", "crictl",
+             "images"}  # fmt: skip
     problems.extend(f"'{key}': is not a known key ({', '.join(sorted(known))})" for key in sorted(set(raw) - known))
     known_images = {"coredns", "pause", "cni", "cloudControllerManager", "nodeTerminationHandler", "kubeletCsrApprover",
                     "clusterAutoscaler", "podIdentityWebhook"}  # fmt: skip
@@ -178,7 +182,37 @@ def parse_versions(raw: Mapping[str, Any]) -> Versions:
         kubelet_csr_approver_image=csr_approver,
         cluster_autoscaler_image=autoscaler,
         pod_identity_webhook_image=webhook,
+        kubernetes_floors=floors,
     )
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def _kubernetes_floors(value: Any, kubernetes: str, problems: list[str]) -> tuple[tuple[str, str], ...]:
+    """``kubernetesFloors``: {minor: first patch of that minor the cluster can run}; the pinned version must not be
+    older than its minor's floor (a minor without an entry is not checked)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        problems.append(f"'kubernetesFloors' = {json.dumps(value)}: must be an object of minor -> first patch")
+        return ()
+    floors = []
+    for minor, floor in sorted(value.items()):
+        if minor == "_comment":
+            continue
+        if not re.match(r"^1\.\d{2}$", minor) or not isinstance(floor, str) or not _K8S.match(floor) \
+                or not floor.startswith(minor + "."):  # fmt: skip
+            problems.append(f"'kubernetesFloors.{minor}' = {json.dumps(floor)}: must be a patch of {minor} such as "
+                            f"'{minor}.8'")  # fmt: skip
+            continue
+        floors.append((minor, floor))
+    for minor, floor in floors:
+        if kubernetes.startswith(minor + ".") and _numbers(kubernetes) < _numbers(floor):
+            problems.append(f"'kubernetes' = \"{kubernetes}\": older than {floor}, the first {minor} patch the "
+                            "cluster can run (kubernetesFloors)")  # fmt: skip
+    return tuple(floors)
 
 
 def component_files(directory: Path = COMPONENTS_DIR) -> list[Path]:

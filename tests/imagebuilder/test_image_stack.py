@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,26 +235,30 @@ def test_node_agent_component_downloads_the_bundle_asset(image: Synthesized) -> 
 
 
 def test_a_kubernetes_version_that_differs_from_versions_json_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'kubernetesVersion' = \"1.33.5\": the AMI carries Kubernetes 1.34.2"):
+    carried = re.escape(load_versions().kubernetes)
+    with pytest.raises(ConfigError, match=rf"'kubernetesVersion' = \"1.33.5\": the AMI carries Kubernetes {carried}"):
         synth(tmp_path, {"kubernetesVersion": "1.33.5"})
 
 
 def test_one_versions_edit_changes_recipe_name_components_and_images(image: Synthesized, tmp_path: Path) -> None:
     raw = json.loads((ROOT / "imagebuilder" / "versions.json").read_text())
-    bumped = parse_versions(raw | {"kubernetes": "1.34.3"})
-    after = synth(tmp_path, {"kubernetesVersion": "1.34.3"}, versions=bumped)
+    pinned = raw["kubernetes"]
+    major, minor, patch = pinned.split(".")
+    newer = f"{major}.{minor}.{int(patch) + 1}"
+    bumped = parse_versions(raw | {"kubernetes": newer})
+    after = synth(tmp_path, {"kubernetesVersion": newer}, versions=bumped)
     before_recipe = _only(image, "AWS::ImageBuilder::ImageRecipe")["Name"]
     after_recipe = _only(after, "AWS::ImageBuilder::ImageRecipe")["Name"]
-    assert before_recipe.startswith("dk8s-dedicated-k8s-k8s-1-34-2-")
-    assert after_recipe.startswith("dk8s-dedicated-k8s-k8s-1-34-3-")
+    assert before_recipe.startswith(f"dk8s-dedicated-k8s-k8s-{pinned.replace('.', '-')}-")
+    assert after_recipe.startswith(f"dk8s-dedicated-k8s-k8s-{newer.replace('.', '-')}-")
     before_names = {c["Properties"]["Name"] for c in _resources(image, "AWS::ImageBuilder::Component").values()}
     after_names = {c["Properties"]["Name"] for c in _resources(after, "AWS::ImageBuilder::Component").values()}
     changed = {n.rsplit("-", 1)[0] for n in after_names - before_names}
     assert changed == {"dk8s-dedicated-k8s-kubernetes", "dk8s-dedicated-k8s-images"}
     images = _component(after, "-images-")["Data"]
-    assert "registry.k8s.io/kube-apiserver:v1.34.3" in images
+    assert f"registry.k8s.io/kube-apiserver:v{newer}" in images
     (distribution,) = _only(after, "AWS::ImageBuilder::DistributionConfiguration")["Distributions"]
-    assert "kubernetes-1.34.3-" in distribution["AmiDistributionConfiguration"]["Name"]
+    assert f"kubernetes-{newer}-" in distribution["AmiDistributionConfiguration"]["Name"]
 
 
 @pytest.mark.policy
