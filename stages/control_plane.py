@@ -19,7 +19,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from stages.config import ClusterConfig
-from stages.nag import suppress
+from stages.nag import skip_checkov, suppress
 from stages.nodes import lifecycle_hooks_at_creation, node_launch_template
 from stages.security import API_PORT, ClusterSecurityGroups
 
@@ -59,6 +59,13 @@ class ControlPlane(Construct):
         # terminates TLS itself), so they would never be written. Who called the API is recorded by the API
         # server's audit log (CloudWatch log group /dedicated-k8s/<cluster>/audit); who connected to the NLB by
         # the VPC flow logs (stages/network.py), which see the NLB's network interfaces.
+        no_access_logs = (
+            "ELB writes Network Load Balancer access logs only for TLS listeners; the API listener is TCP (the API "
+            "server terminates TLS), so access logs would never be written. The API server audit log and the VPC "
+            "flow logs record API access instead"
+        )
+        suppress(self.load_balancer, "AwsSolutions-ELB2", no_access_logs, children=False)
+        skip_checkov(self.load_balancer.node.default_child, [("CKV_AWS_91", no_access_logs)])  # type: ignore[arg-type]
         listener = self.load_balancer.add_listener("Api", port=API_PORT, protocol=elbv2.Protocol.TCP)
 
         zone_subnets = {subnet.availability_zone: subnet for subnet in subnets}
