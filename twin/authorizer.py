@@ -21,7 +21,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
@@ -39,9 +39,16 @@ from twin.aws_calls import (
     operation_of,
     signature_of,
 )
-from twin.endpoints import EndpointModel, NoVpcEndpointError
-from twin.iam_policy import action_matches, is_allowed, statement_matches
-from twin.principals import UNATTRIBUTED_PRINCIPAL, Principal, PrincipalBook
+from twin.endpoints import EndpointModel, NoVpcEndpointError, endpoint_services_from_template
+from twin.iam_policy import IntrinsicResolver, action_matches, is_allowed, statement_matches
+from twin.principals import (
+    UNATTRIBUTED_PRINCIPAL,
+    Principal,
+    PrincipalBook,
+    PrincipalSource,
+    principals_from_templates,
+    template_resolver,
+)
 
 ANONYMOUS = Principal("anonymous")
 
@@ -53,8 +60,11 @@ class Denial:
     action: str
     resource: str
     reason: str
+    kind: str = "denied"  # or "unreachable" (no VPC endpoint)
 
     def describe(self) -> str:
+        if self.kind == "unreachable":
+            return self.reason
         return f"{self.principal}: {self.action} on {self.resource} denied ({self.reason})"
 
 
@@ -188,8 +198,9 @@ class Authorizer:
                             self._used.add((principal.name, i, pattern))
 
     def _record(self, into: list[Denial], principal: Principal, action: str, resource: str, reason: str) -> None:
+        kind = "unreachable" if into is self.unreachable else "denied"
         with self._lock:
-            into.append(Denial(time.time(), principal.name, action, resource, reason))
+            into.append(Denial(time.time(), principal.name, action, resource, reason, kind))
 
     # -- AWS's error shapes ----------------------------------------------------------------------------------------
     def _access_denied(
@@ -239,6 +250,11 @@ class Authorizer:
         )
         return Refusal(403, body.encode(), (("Content-Type", "application/xml"),), message=message)
 
+    def forget_usage(self) -> None:
+        """Start a new record of used grants (a new run on the same authorizer)."""
+        with self._lock:
+            self._used.clear()
+
     # -- the run's report -------------------------------------------------------------------------------------------
     def unused(self) -> dict[str, list[str]]:
         """principal -> "policy:Sid action" for every granted action pattern no allowed request used."""
@@ -272,3 +288,32 @@ def _protocol_guess(request: Request) -> str:
     if request.body[:7] == b"Action=":
         return "query"
     return "rest-xml"
+
+
+def authorizer_from_templates(
+    iam_template: Mapping[str, Any],
+    cluster_template: Mapping[str, Any],
+    *,
+    node_roles: Mapping[str, str],
+    arns: Arns,
+    cluster_resolver: IntrinsicResolver | None = None,
+    extra: tuple[PrincipalSource, ...] = (),
+    endpoint_services: frozenset[str] | None = None,
+) -> Authorizer:
+    """The twin's authorizer for the synthesized stacks: principals from IamStack's roles (the nodes by
+    ``node_roles``, the Lambdas by the cluster template's functions) and the endpoint list of the cluster
+    template (``endpoint_services`` overrides it, e.g. twin/template.py's resolved list)."""
+    pseudo = {
+        "AWS::Partition": arns.partition,
+        "AWS::Region": arns.region,
+        "AWS::AccountId": arns.account,
+        "AWS::URLSuffix": "amazonaws.com",
+    }
+    book = principals_from_templates(
+        iam_template, cluster_template, node_roles=node_roles, pseudo=pseudo, cluster_resolver=cluster_resolver,
+        extra=extra,
+    )  # fmt: skip
+    if endpoint_services is None:
+        resolve = cluster_resolver or template_resolver(cluster_template, pseudo)
+        endpoint_services = endpoint_services_from_template(cluster_template, resolve)
+    return Authorizer(book, arns, endpoints=EndpointModel.of(endpoint_services, arns.region))
