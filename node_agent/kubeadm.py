@@ -52,7 +52,9 @@ JOIN_TIMEOUTS_SECONDS: tuple[tuple[str, int, int], ...] = (  # (field, seconds, 
     ("controlPlaneComponentHealthCheck", 240, 1),  # [4m] the new static pods (wait-control-plane)
     ("kubernetesAPICall", 60, 3),  # [1m] per call: read kubeadm-config, read kubelet-config, mark-control-plane
 )
-# Worst case of one ``kubeadm join`` (each wait runs to its timeout, one after the other):
+# A worker's join has no etcd member and no control-plane static pods: those two fields are left out of its document.
+CONTROL_PLANE_ONLY_TIMEOUTS = ("etcdAPICall", "controlPlaneComponentHealthCheck")
+# Worst case of one control-plane ``kubeadm join`` (each wait runs to its timeout, one after the other):
 # 300 + 300 + 600 + 240 + 240 + 3 x 60 = 1860 s (31 min). With the agent's health wait after it (600 s): 2460 s,
 # inside AgentSettings.join_deadline_seconds (2700 s). The join's subprocess timeout is this plus a minute.
 KUBEADM_JOIN_WORST_CASE_SECONDS = sum(seconds * waits for _, seconds, waits in JOIN_TIMEOUTS_SECONDS)
@@ -155,7 +157,11 @@ def join_configuration_yaml(
             }
         },
         "nodeRegistration": _node_registration(ident),
-        "timeouts": {name: _duration(seconds) for name, seconds, _ in JOIN_TIMEOUTS_SECONDS},
+        "timeouts": {
+            name: _duration(seconds)
+            for name, seconds, _ in JOIN_TIMEOUTS_SECONDS
+            if control_plane or name not in CONTROL_PLANE_ONLY_TIMEOUTS
+        },
     }
     if control_plane:
         join["controlPlane"] = {"localAPIEndpoint": {"advertiseAddress": ident.private_ip, "bindPort": cfg.api_port}}
