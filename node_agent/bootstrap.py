@@ -16,6 +16,11 @@ Control-plane launch, one loop, each pass reads the world and takes at most one 
   the Lambda's etcd client certificate and the worker join token, write ``initialised`` + generation.
 * lock held by another live lease -> wait and read again.
 
+A control-plane node reaches its own API server by the endpoint name (invariant 9, :mod:`node_agent.hosts`): the
+name is mapped to its IP before ``kubeadm init``/restore and right after ``kubeadm join`` (the join itself, and the
+upgrade's kubeadm-config write before it, go through the load balancer to the existing members); readiness asks
+this node's API server by address. Workers never map it.
+
 **Takeover rule** (state ``initialising``/``restoring`` left by another holder whose lease expired):
 
 1. Something listens at the recorded client URL and all three secrets exist -> the holder died after

@@ -140,19 +140,6 @@ def emitted_metrics(agent: Agent) -> list[tuple[str, float]]:
     return out
 
 
-class AutoScalingGroupHook(RecordingLaunchHook):
-    """Records the decision, and on ABANDON does what the Auto Scaling group does: terminates the instance."""
-
-    def __init__(self, on_abandon: Callable[[], None]) -> None:
-        super().__init__()
-        self.on_abandon = on_abandon
-
-    def complete(self, result: Result, reason: str) -> None:
-        super().complete(result, reason)
-        if result == "ABANDON":
-            self.on_abandon()
-
-
 class InServiceHook(RecordingLaunchHook):
     """CONTINUE puts the instance InService, and the group registers it with the API target group then (Amazon
     EC2 Auto Scaling user guide, "How lifecycle hooks work in Auto Scaling groups": the instance is registered
