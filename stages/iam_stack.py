@@ -65,7 +65,10 @@ VPC_LAMBDA_ENI_ACTIONS = (
     "ec2:UnassignPrivateIpAddresses",
 )
 XRAY_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords")
-# The AWS cloud controller manager's read calls (cloud-provider-aws recommended control-plane policy).
+# The AWS cloud controller manager (cloud-provider-aws docs/prerequisites.md, "Control Plane Policy", and the
+# calls pkg/providers/v1/aws_loadbalancer.go makes). Service load balancers it supports here: the classic ELB
+# (a Service of type LoadBalancer without annotations) and the NLB (aws-load-balancer-type: nlb), both with
+# instance targets. Its read calls:
 CCM_DESCRIBE_ACTIONS = (
     "ec2:DescribeAvailabilityZones",
     "ec2:DescribeRegions",
@@ -79,6 +82,8 @@ CCM_DESCRIBE_ACTIONS = (
     "elasticloadbalancing:DescribeTargetGroups",
     "elasticloadbalancing:DescribeTargetHealth",
     "elasticloadbalancing:DescribeTags",
+    "elasticloadbalancing:DescribeTargetGroupAttributes",
+    "elasticloadbalancing:DescribeLoadBalancerPolicies",
 )
 # Mutating CCM calls, allowed only on resources the CCM tagged as the cluster's own.
 CCM_TAGGED_ACTIONS = (
@@ -99,6 +104,19 @@ CCM_TAGGED_ACTIONS = (
     "elasticloadbalancing:RegisterTargets",
     "elasticloadbalancing:DeregisterTargets",
     "elasticloadbalancing:SetSecurityGroups",
+    "elasticloadbalancing:ModifyTargetGroupAttributes",
+    # the classic ELB (elasticloadbalancing API 2012-06-01), the CCM's default for type LoadBalancer
+    "elasticloadbalancing:ConfigureHealthCheck",
+    "elasticloadbalancing:RegisterInstancesWithLoadBalancer",
+    "elasticloadbalancing:DeregisterInstancesFromLoadBalancer",
+    "elasticloadbalancing:CreateLoadBalancerListeners",
+    "elasticloadbalancing:DeleteLoadBalancerListeners",
+    "elasticloadbalancing:AttachLoadBalancerToSubnets",
+    "elasticloadbalancing:DetachLoadBalancerFromSubnets",
+    "elasticloadbalancing:ApplySecurityGroupsToLoadBalancer",
+    "elasticloadbalancing:CreateLoadBalancerPolicy",
+    "elasticloadbalancing:SetLoadBalancerPoliciesOfListener",
+    "elasticloadbalancing:SetLoadBalancerPoliciesForBackendServer",
 )
 # aws-node-termination-handler in queue mode: which instance/group an event names (no resource-level permissions).
 NTH_DESCRIBE_ACTIONS = (
@@ -123,11 +141,27 @@ AUTOSCALER_SCALE_ACTIONS = ("autoscaling:SetDesiredCapacity", "autoscaling:Termi
 # The lifecycle Lambda's membership writer lease: a conditional put to take it, a conditional delete to give
 # it back (lambdas/common/writer_lease.py, whose item key LEASE_KEY the grant is limited to).
 WRITER_LEASE_ACTIONS = ("dynamodb:PutItem", "dynamodb:DeleteItem")
+# Creations, allowed only when the request tags the new resource as the cluster's own (aws:RequestTag): the CCM
+# puts kubernetes.io/cluster/<name>=owned in every CreateLoadBalancer, CreateTargetGroup, CreateListener and
+# CreateSecurityGroup it sends (buildTags(ResourceLifecycleOwned, ...)).
 CCM_CREATE_ACTIONS = (
     "ec2:CreateSecurityGroup",
-    "ec2:CreateTags",
     "elasticloadbalancing:CreateLoadBalancer",
     "elasticloadbalancing:CreateTargetGroup",
+)
+# Tags sent with a create are authorized as a separate tagging action on a resource that has no tags yet, so
+# the ResourceTag statement cannot allow them: they are allowed only as part of those creates (the
+# ...:CreateAction condition keys) and only with the owned request tag, as the AWS Load Balancer Controller's
+# reference policy does (docs/install/iam_policy.json). Never CreateTags/AddTags on an existing foreign
+# resource: tagging it owned would hand it to the ResourceTag statement.
+CCM_TAG_ON_CREATE = (  # (Sid, action, its create-action condition key, the creates it may tag)
+    (
+        "CloudControllerTagLoadBalancersOnCreate",
+        "elasticloadbalancing:AddTags",
+        "elasticloadbalancing:CreateAction",
+        ("CreateLoadBalancer", "CreateTargetGroup", "CreateListener"),
+    ),
+    ("CloudControllerTagSecurityGroupsOnCreate", "ec2:CreateTags", "ec2:CreateAction", ("CreateSecurityGroup",)),
 )
 
 
@@ -396,6 +430,18 @@ class IamStack(cdk.Stack):
                 resources=["*"],
                 conditions={"StringEquals": {f"aws:RequestTag/{cluster_tag}": "owned"}},
             ),
+            *[
+                iam.PolicyStatement(
+                    sid=sid,
+                    actions=[action],
+                    resources=["*"],
+                    conditions={"StringEquals": {key: list(creates), f"aws:RequestTag/{cluster_tag}": "owned"}},
+                )
+                for sid, action, key, creates in CCM_TAG_ON_CREATE
+            ],
+            # CreateSecurityGroup is also authorized on the VPC the group goes into, which carries no request
+            # tags: the cluster's VPC only (the imported one by ID, the stack's own by its owned tag).
+            self._ccm_security_group_vpc(cluster_tag),
             # aws-node-termination-handler (queue mode, host network on control-plane nodes: this role via IMDS).
             iam.PolicyStatement(
                 sid="TerminationHandlerQueue",
@@ -428,11 +474,13 @@ class IamStack(cdk.Stack):
             "Resource '*' only where the API has no resource-level permissions (SSM agent channels, "
             "ec2/autoscaling/elb Describe*, the termination handler's autoscaling:DescribeTags, PutMetricData "
             "limited by namespace) or where a tag condition "
-            "(kubernetes.io/cluster/<name>=owned, the cluster tag on KMS keys) scopes it",
+            "(kubernetes.io/cluster/<name>=owned on the resource or in the create request, the cluster tag on KMS "
+            "keys and on the cluster's own VPC) scopes it",
             applies_to=_applies(
                 [
                     "Resource::*",
                     "Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*",
+                    "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:vpc/*",
                     f"Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter{config.ssm_prefix}/*",
                     f"Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:{config.secrets_prefix}/*",
                     "Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:"
@@ -444,6 +492,21 @@ class IamStack(cdk.Stack):
                     ],
                 ]
             ),
+        )
+
+    def _ccm_security_group_vpc(self, cluster_tag: str) -> iam.PolicyStatement:
+        vpc_id = self.config.vpc.vpc_id
+        if vpc_id is not None:
+            return iam.PolicyStatement(
+                sid="CloudControllerSecurityGroupVpc",
+                actions=["ec2:CreateSecurityGroup"],
+                resources=[self._arn("ec2", "vpc", vpc_id)],
+            )
+        return iam.PolicyStatement(
+            sid="CloudControllerSecurityGroupVpc",
+            actions=["ec2:CreateSecurityGroup"],
+            resources=[self._arn("ec2", "vpc", "*")],
+            conditions={"StringEquals": {f"aws:ResourceTag/{cluster_tag}": "owned"}},
         )
 
     def _bucket_pattern(self) -> str:

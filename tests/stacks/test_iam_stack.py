@@ -19,6 +19,7 @@ from stages.config import ClusterConfig, ConfigError
 from stages.iam_stack import (
     CCM_CREATE_ACTIONS,
     CCM_DESCRIBE_ACTIONS,
+    CCM_TAG_ON_CREATE,
     CCM_TAGGED_ACTIONS,
     DESCRIBE_ACTIONS,
     NTH_DESCRIBE_ACTIONS,
@@ -37,6 +38,7 @@ JUSTIFIED_WILDCARD_ACTIONS = {
     *CCM_DESCRIBE_ACTIONS,
     *CCM_TAGGED_ACTIONS,
     *CCM_CREATE_ACTIONS,
+    *(action for _, action, _, _ in CCM_TAG_ON_CREATE),
     *NTH_DESCRIBE_ACTIONS,
     "cloudwatch:PutMetricData",
 }
@@ -69,12 +71,24 @@ def test_every_wildcard_resource_is_justified(iam_template: Template) -> None:
 
 
 def test_mutating_cloud_controller_calls_need_the_cluster_tag(iam_template: Template) -> None:
+    """On the resource (owned already), or for a tag sent with a create, in the request and only as part of
+    that create (what the calls are allowed for: tests/stacks/test_ccm_iam.py)."""
+    owned = "kubernetes.io/cluster/dedicated-k8s"
+    tag_on_create = {action: (key, sorted(creates)) for _, action, key, creates in CCM_TAG_ON_CREATE}
+    seen = 0
     for _, statement in statements(iam_template):
         actions = set(as_list(statement["Action"]))
-        if actions & set(CCM_TAGGED_ACTIONS):
-            assert statement["Condition"] == {
-                "StringEquals": {"aws:ResourceTag/kubernetes.io/cluster/dedicated-k8s": "owned"}
-            }
+        if not actions & (set(CCM_TAGGED_ACTIONS) | set(tag_on_create)):
+            continue
+        seen += 1
+        if statement["Condition"] == {"StringEquals": {f"aws:ResourceTag/{owned}": "owned"}}:
+            continue
+        (action,) = actions
+        key, creates = tag_on_create[action]
+        condition = statement["Condition"]["StringEquals"]
+        assert set(statement["Condition"]) == {"StringEquals"}
+        assert sorted(as_list(condition[key])) == creates and condition[f"aws:RequestTag/{owned}"] == "owned"
+    assert seen == 3, "the owned-resource statement and the two tag-on-create statements"
 
 
 def test_lifecycle_lambda_completes_hooks_only_on_the_cluster_groups_and_reads_the_kube_client_secret(
