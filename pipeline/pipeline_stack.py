@@ -36,6 +36,7 @@ from aws_cdk import pipelines
 from constructs import Construct
 
 from pipeline.config import PipelineSettings, StageTarget
+from pipeline.preflight import READ_ACTIONS
 from stages.cluster_stage import ClusterStage
 from stages.config import ClusterConfig
 from stages.image_stage import ImageStage
@@ -116,14 +117,18 @@ class PipelineStack(cdk.Stack):
         # The image stack deploys first (it owns its build role: no IamStack needed), then the AMI is built
         # once; its ID flows to staging and production, so production gets the AMI staging tested.
         self.rollout_steps: dict[str, pipelines.CodeBuildStep] = {}  # per stage, before its canary (_rollout_step)
+        self.preflight_steps: dict[str, pipelines.CodeBuildStep] = {}  # per stage, before its deploy
         self.image_stage = self._image_stage()
         self.ami_step = self._ami_step([staging, production])
         self.pipeline.add_stage(self.image_stage, post=[self.ami_step])
 
         self.staging_stage = ClusterStage(self, "Staging", config=staging)
+        self.staging_preflight = self._preflight_step("StagingPreflight", self.staging_stage, "staging")
         self.staging_canary = self._canary_step("StagingCanary", self.staging_stage)
         self.staging_smoke = self._smoke_step("StagingSmokeTest", self.staging_stage, after=self.staging_canary)
-        self.pipeline.add_stage(self.staging_stage, post=[self.staging_canary, *_present(self.staging_smoke)])
+        self.pipeline.add_stage(
+            self.staging_stage, pre=[self.staging_preflight], post=[self.staging_canary, *_present(self.staging_smoke)]
+        )
 
         self.approval = pipelines.ManualApprovalStep(
             "PromoteToProduction",
@@ -133,13 +138,16 @@ class PipelineStack(cdk.Stack):
             ),
         )
         self.production_stage = ClusterStage(self, "Production", config=production)
+        # After the approval, right before the deploy: the account may have changed while the approval waited.
+        self.production_preflight = self._preflight_step("ProductionPreflight", self.production_stage, "production")
+        self.production_preflight.add_step_dependency(self.approval)
         self.production_canary = self._canary_step("ProductionCanary", self.production_stage)
         self.production_smoke = self._smoke_step(
             "ProductionSmokeTest", self.production_stage, after=self.production_canary
         )
         self.pipeline.add_stage(
             self.production_stage,
-            pre=[self.approval],
+            pre=[self.approval, self.production_preflight],
             post=[self.production_canary, *_present(self.production_smoke)],
         )
 
@@ -400,6 +408,50 @@ class PipelineStack(cdk.Stack):
         canary.add_step_dependency(self._rollout_step(step_id.replace("Canary", "Rollout"), stage))
         return canary
 
+    # --- preflight ------------------------------------------------------------------------------
+
+    def _preflight_step(self, step_id: str, stage: ClusterStage, stage_name: str) -> pipelines.CodeBuildStep:
+        """``python -m pipeline.preflight`` before the stage deploys: read-only checks of the stage's account
+        against the stage's templates, read from the synth step's cloud assembly (exactly what is deployed next).
+        A stage in another account is read through that account's CDK lookup role (``cdk bootstrap --trust`` or
+        ``--trust-for-lookup`` the pipeline account; the role is read-only by design)."""
+        config = stage.config
+        account = config.account or self.account
+        command = (
+            f"python -m pipeline.preflight --stage {stage_name} --region {config.region} "
+            f"--assembly cdk.out/{stage.artifact_id}"
+        )
+        statements = preflight_statements(self, config, account)
+        assembly = self.synth_step.primary_output  # cdk.out (primary_output_directory)
+        assert assembly is not None
+        if not self._same_account(config):
+            lookup_role = self.format_arn(
+                service="iam",
+                region="",
+                account=account,
+                resource="role",
+                resource_name=f"cdk-hnb659fds-lookup-role-{account}-{config.region}",
+            )
+            command += f" --account {account} --role-arn {lookup_role}"
+            statements.append(
+                iam.PolicyStatement(sid="ReadStageAccount", actions=["sts:AssumeRole"], resources=[lookup_role])
+            )
+        step = pipelines.CodeBuildStep(
+            step_id,
+            input=self.source,
+            additional_inputs={"cdk.out": assembly},
+            install_commands=[
+                "python -m pip install --quiet "
+                "$(grep -E '^(boto3|botocore|s3transfer|jmespath|python-dateutil|six|urllib3)==' requirements.txt)"
+            ],
+            commands=[command],
+            env={"CLUSTER_REGION": config.region},
+            role_policy_statements=statements,
+            timeout=cdk.Duration.minutes(15),
+        )
+        self.preflight_steps[step_id] = step
+        return step
+
     # --- rollout of a new AMI -------------------------------------------------------------------
 
     def _rollout_step(self, step_id: str, stage: ClusterStage) -> pipelines.CodeBuildStep:
@@ -614,6 +666,18 @@ class PipelineStack(cdk.Stack):
     def _policy_exceptions(self) -> None:
         """cdk-nag exceptions, each scoped to the findings it explains and carrying the reason."""
         prefix = self.config.resource_prefix
+        for preflight in self.preflight_steps.values():
+            suppress(
+                preflight.project,
+                "AwsSolutions-IAM5",
+                "the preflight's describe calls (EC2 Describe*, lambda:GetAccountSettings, "
+                "s3:GetAccountPublicAccessBlock, logs:DescribeLogGroups) support no resource-level permissions; its "
+                "other reads are limited to this cluster's names and the CDK bootstrap parameters",
+                applies_to=[
+                    "Resource::*",
+                    _regex(rf"Resource::arn:<AWS::Partition>:[a-z0-9-]+:{_REGION}?:{_ACCOUNT}?:.*"),
+                ],
+            )
         for rollout in self.rollout_steps.values():
             suppress(
                 rollout.project,
@@ -777,6 +841,47 @@ def image_stage(
         build_network_parameters=(f"{prefix}/image-build-vpc-id", f"{prefix}/image-build-subnet-id"),
         **kwargs,
     )
+
+
+def preflight_statements(stack: cdk.Stack, config: ClusterConfig, account: str) -> list[iam.PolicyStatement]:
+    """Exactly the reads of ``pipeline.preflight.READ_ACTIONS``: names of this cluster where the action takes a
+    resource, "*" where it takes none."""
+    region = config.region
+
+    def arn(service: str, resource: str, name: str, **kwargs: Any) -> str:
+        return stack.format_arn(
+            service=service, region=region, account=account, resource=resource, resource_name=name, **kwargs
+        )
+
+    scoped = {
+        "ssm:GetParameter": [
+            arn("ssm", "parameter", "cdk-bootstrap/*"),
+            *([arn("ssm", "parameter", config.ami[1:])] if config.ami_is_ssm_parameter else []),
+        ],
+        "iam:GetRole": [
+            stack.format_arn(
+                service="iam",
+                region="",
+                account=account,
+                resource="role",
+                resource_name="aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling",
+            )
+        ],
+        "cloudformation:ListStackResources": [arn("cloudformation", "stack", f"{config.resource_prefix}-*/*")],
+        "secretsmanager:DescribeSecret": [
+            arn("secretsmanager", "secret", f"{config.secrets_prefix}/*", arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+        ],
+        "dynamodb:DescribeTable": [arn("dynamodb", "table", config.cluster_state_table_name)],
+        "s3:ListBucket": [f"arn:{stack.partition}:s3:::{config.resource_prefix}-*"],
+    }
+    unscoped = [action for action in READ_ACTIONS if action not in scoped]
+    return [
+        iam.PolicyStatement(sid="PreflightDescribe", actions=unscoped, resources=["*"]),
+        *(
+            iam.PolicyStatement(sid=f"Preflight{i}", actions=[action], resources=resources)
+            for i, (action, resources) in enumerate(sorted(scoped.items()))
+        ),
+    ]
 
 
 def _stage_config(target: StageTarget) -> ClusterConfig:

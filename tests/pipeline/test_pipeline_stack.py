@@ -523,3 +523,53 @@ def test_rollout_role_may_refresh_only_this_clusters_groups(default: Synthesized
     assert len(resources) == 4
     resources_text = " ".join(resources)
     assert "autoScalingGroupName/*" not in resources_text and f"dk8s-{cluster}-*" not in resources_text
+
+
+# --- the preflight before each stage's deploy ------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage_name", ["Staging", "Production"])
+def test_each_stage_deploy_is_preceded_by_a_read_only_preflight(default: Synthesized, stage_name: str) -> None:
+    """``python -m pipeline.preflight`` runs before the stage's first CloudFormation action (after production's
+    approval), on the stage's configuration and the synth step's assembly of that stage, with a role that may make
+    exactly the preflight's reads (pipeline/preflight.py READ_ACTIONS) and nothing else beyond CodeBuild's own."""
+    from pipeline.preflight import READ_ACTIONS
+
+    actions = default.stage(stage_name)
+    (preflight,) = [a for a in actions if a["Name"] == f"{stage_name}Preflight"]
+    assert preflight["ActionTypeId"]["Provider"] == "CodeBuild"
+    assert preflight["RunOrder"] < min(a["RunOrder"] for a in _deploys(actions))
+    if stage_name == "Production":
+        (approval,) = [a for a in actions if a["ActionTypeId"]["Category"] == "Approval"]
+        assert approval["RunOrder"] < preflight["RunOrder"]
+    commands = default.buildspec(preflight)["phases"]["build"]["commands"]
+    (run,) = [c for c in commands if c.startswith("python -m pipeline.preflight")]
+    assert run == (
+        f"python -m pipeline.preflight --stage {stage_name.lower()} --region us-east-1 "
+        f"--assembly cdk.out/assembly-PipelineStack-{stage_name}"
+    )
+    statements = default.role_statements(preflight)
+    preflight_actions = {
+        a for s in statements if s.get("Sid", "").startswith("Preflight") for a in _as_list(s["Action"])
+    }
+    assert preflight_actions == set(READ_ACTIONS)
+    # Everything else on the role is CodeBuild's plumbing: its logs, its reports, the pipeline's artifacts.
+    others = [s for s in statements if not s.get("Sid", "").startswith("Preflight")]
+    plumbing = ("PipelineArtifactsBucket", "log-group:/aws/codebuild/", ":report-group/")
+    for statement in others:
+        assert any(p in json.dumps(statement["Resource"]) for p in plumbing), statement
+    reads = ("Describe", "Get", "List")
+    writes = {a for s in statements for a in _as_list(s["Action"]) if not a.split(":")[1].startswith(reads)}
+    allowed_plumbing_writes = {
+        "logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "codebuild:CreateReportGroup",
+        "codebuild:CreateReport", "codebuild:UpdateReport", "codebuild:BatchPutTestCases",
+        "codebuild:BatchPutCodeCoverages", "kms:Decrypt", "kms:Encrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*",
+        "s3:Abort*", "s3:DeleteObject*", "s3:PutObject", "s3:PutObjectLegalHold", "s3:PutObjectRetention",
+        "s3:PutObjectTagging", "s3:PutObjectVersionTagging",
+    }  # fmt: skip
+    assert writes <= allowed_plumbing_writes, writes - allowed_plumbing_writes
+    cluster = default.context[f"{stage_name.lower()}ClusterName"]
+    by_action = {a: s for s in statements if s.get("Sid", "").startswith("Preflight") for a in _as_list(s["Action"])}
+    assert f"table/dk8s-{cluster}-cluster-state" in json.dumps(by_action["dynamodb:DescribeTable"]["Resource"])
+    assert f"secret:dedicated-k8s/{cluster}/*" in json.dumps(by_action["secretsmanager:DescribeSecret"]["Resource"])
+    assert by_action["ec2:DescribeInstanceTypeOfferings"]["Resource"] == "*"
