@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from pipeline.canary import Boto3ClusterApi
-from twin.cluster import OPS_HANDLER, Twin
+from twin.cluster import Twin
 from twin.events import LambdaContext, load_handler
 
 
@@ -43,6 +43,8 @@ def twin_cluster_api(twin: Twin) -> Boto3ClusterApi:
     return Boto3ClusterApi(
         function_name=cfg.cluster_ops_function_name,
         group_names=list(cfg.control_plane_group_names),
-        lambda_client=InProcessLambda({cfg.cluster_ops_function_name: OPS_HANDLER}),
+        lambda_client=InProcessLambda(
+            {cfg.cluster_ops_function_name: twin.lambda_handler(cfg.cluster_ops_function_name)}
+        ),
         autoscaling_client=twin.aws.client("autoscaling"),
     )

@@ -97,8 +97,8 @@ class Chaos:
             self.result.violations.append(
                 f"{s.t:.2f}: quorum lost: {s.healthy_voters}/{s.voters} healthy, leader={s.leader or 'none'}"
             )
-        limit = self.twin.options.removal_deadline_seconds + self.twin.options.terminate_hook_timeout + 15
-        for inst in self.twin.machine.snapshot():  # type: ignore[union-attr]
+        limit = self.twin.removal_deadline() + self.twin.terminate_hook_timeout("control-plane") + 15
+        for inst in self.twin.machine.snapshot():
             if inst.state in WAIT_STATES and inst.history and s.t - inst.history[-1][0] > limit:
                 self.result.violations.append(f"{s.t:.2f}: {inst.instance_id} stuck in {inst.state}")
 
@@ -177,16 +177,15 @@ class Chaos:
         self.quorum_exempt_from = time.time()
         self.quorum_exempt_until = float("inf")
         for iid in rep.terminated:
-            self.twin.machine.fail_instance(iid)  # type: ignore[union-attr]
+            self.twin.machine.fail_instance(iid)
         # Only writes up to the latest snapshot's revision are required from now on. The boundary is taken once
         # every old member is dead (fail_instance kills synchronously): the dying cluster may still acknowledge
         # writes while the instances go one by one, and those are in no snapshot (lost by design).
         self.required_after_dr.append((time.time(), latest.revision))
 
     def _snapshots(self) -> list[SnapshotObject]:
-        assert self.twin.cloud is not None
         s3 = self.twin.aws.client("s3")
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=self.twin.cloud.bucket).get("Contents", [])]
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=self.twin.snapshot_bucket).get("Contents", [])]
         return [o for k in keys if (o := SnapshotObject.parse(k)) is not None]
 
     # -- the run ------------------------------------------------------------------------------------------------
@@ -256,7 +255,8 @@ class Chaos:
 def run_chaos(
     count: int, seed: int, *, dr: bool = False, progress: Any = print, report: Path | None = None
 ) -> ChaosResult:
-    options = TwinOptions(workers=0, snapshot_every_seconds=2.0 if dr else 0.0, terminate_hook_timeout=12.0)
+    # snapshotIntervalMinutes 5 (the smallest the stack allows) for DR runs: a snapshot every 15 s at the default scale.
+    options = TwinOptions(workers=0, snapshots=dr, snapshot_interval_minutes=5 if dr else 30)
     with Twin(options, progress=lambda line: None) as twin:
         result = Chaos(twin, seed, progress=progress, dr=dr).run(count)
         if report is not None:

@@ -11,6 +11,8 @@ real Lambda handlers (:mod:`twin.events`) and an independent etcd timeline (:mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import os
 import random
@@ -28,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from stages.config import ClusterConfig
+from tests.agent.kubeadm_emulator import STATIC_PODS
 from twin.apiserver import FileApiServer
+from twin.authorizer import twin_authorizer
 from twin.aws import REGION, MotoAws
-from twin.cloud import AMI, CloudNames, create_cloud, create_groups
 from twin.events import QueueDelivery, Timer, load_handler, scheduled_event, terminate_lifecycle_event
 from twin.lifecycle import (
     IN_SERVICE,
@@ -44,20 +47,15 @@ from twin.lifecycle import (
     Instance,
     LifecycleMachine,
 )
+from twin.loadbalancer import LoadBalancer, TargetGroupSettings
 from twin.observe import EtcdObserver, Sample, Timeline
+from twin.template import CLUSTER_STACK, GroupSpec, HookSpec, TemplateCloud, synthesized_templates
+from twin.timing import DEFAULT_TIME_SCALE, TwinTiming, systemd_timer_seconds
 
 REPO = Path(__file__).resolve().parent.parent
-LIFECYCLE_HANDLER = "lambdas.etcd_lifecycle.handler:handle"
-RECONCILER_HANDLER = "lambdas.reconciler.handler:handle"
-OPS_HANDLER = "lambdas.cluster_ops.handler:handle"
-
-FAST_AGENT = {
-    "lease_seconds": 3.0,
-    "renew_interval_seconds": 0.5,
-    "poll_interval_seconds": 0.2,
-    "join_deadline_seconds": 100.0,
-    "health_timeout_seconds": 60.0,
-}
+# The AMI the image pipeline writes to SSM (K8sClusterStack reads it as a parameter): moto's default image.
+AMI = "ami-12c6146b"
+CDK_BOOTSTRAP_VERSION = "30"  # what `cdk bootstrap` writes to /cdk-bootstrap/hnb659fds/version
 
 
 def cold_start_lambdas() -> None:
@@ -69,22 +67,50 @@ def cold_start_lambdas() -> None:
 
 @dataclass(frozen=True)
 class TwinOptions:
+    """The twin's shape; every duration comes from the template/agent times ``time_scale`` (twin/timing.py)."""
+
     cluster_name: str = "twin"
     control_planes: int = 3
     workers: int = 2
     root: Path | None = None
     keep_root: bool = False
-    launch_hook_timeout: float = 120.0
-    terminate_hook_timeout: float = 30.0
-    terminate_default_result: str = "ABANDON"  # the stack's control-plane default (with retain-on-abandon)
-    retain_on_abandon: bool = True
-    reconcile_interval: float = 4.0
-    retry_delay_seconds: int = 1
-    removal_deadline_seconds: int = 120
-    sample_interval: float = 0.25
-    snapshot_every_seconds: float = 0.0
-    upgrade_addons_every_seconds: float = 0.0  # the agent's upgrade-addons timer (0: off)
-    agent_settings: dict[str, float] = field(default_factory=lambda: dict(FAST_AGENT))
+    time_scale: float = DEFAULT_TIME_SCALE
+    sample_interval: float = 0.25  # the twin's own observer (measurement, not the stack): unscaled
+    snapshots: bool = False  # run the agent's snapshot timer (every snapshotIntervalMinutes, scaled)
+    snapshot_interval_minutes: int = 30  # the context key (cdk.json snapshotIntervalMinutes; 5..1440)
+    addon_upgrades: bool = False  # run the agent's upgrade-addons timer (imagebuilder/systemd, scaled)
+    context: dict[str, Any] = field(default_factory=dict)  # further cdk.json context overrides
+    template: dict[str, Any] | None = None  # a K8sClusterStack template to run instead of the synthesized one
+    enforce_iam: bool = True  # IAM and VPC endpoints of the synthesized stacks, in the AWS proxy (twin/authorizer.py)
+    lambda_concurrency_quota: int = 1000  # the account's Lambda concurrency quota (lambda:GetAccountSettings)
+
+    def app_context(self) -> dict[str, Any]:
+        return {
+            "clusterName": self.cluster_name,
+            "region": REGION,
+            "availabilityZones": [f"{REGION}{z}" for z in "abc"],
+            "controlPlaneCount": self.control_planes,
+            "workerGroups": [
+                {
+                    "name": "general",
+                    "instanceType": "m6i.large",
+                    "minSize": self.workers,
+                    "maxSize": max(self.workers, 1) + 1,
+                    "desiredCapacity": self.workers,
+                }
+            ],
+            "snapshotIntervalMinutes": self.snapshot_interval_minutes,
+            "irsa": False,  # IRSA's issuer is proven by its own tests; the twin runs no pod identity webhook
+            **self.context,
+        }
+
+
+def esm_concurrency(maximum_concurrency: int | None, reserved: int | None) -> int:
+    """How many invocations the SQS event source runs at once: its ScalingConfig MaximumConcurrency, never more
+    than the function's reserved concurrency; with neither, Lambda starts with five concurrent batches ("Using
+    Lambda with Amazon SQS", Scaling and processing) -- the twin stays at five."""
+    limits = [n for n in (maximum_concurrency, reserved) if n is not None]
+    return min(limits) if limits else 5
 
 
 @dataclass
@@ -102,31 +128,19 @@ class Twin:
     def __init__(self, options: TwinOptions | None = None, progress: Callable[[str], None] | None = None) -> None:
         self.options = options or TwinOptions()
         self.progress = progress or (lambda line: None)
-        self.cfg = ClusterConfig.from_mapping(
-            {
-                "clusterName": self.options.cluster_name,
-                "region": REGION,
-                "controlPlaneCount": self.options.control_planes,
-                "workerGroups": [
-                    {
-                        "name": "general",
-                        "instanceType": "m6i.large",
-                        "minSize": self.options.workers,
-                        "maxSize": max(self.options.workers, 1) + 1,
-                        "desiredCapacity": self.options.workers,
-                    }
-                ],
-            }
-        )
+        self.cfg = ClusterConfig.from_mapping(self.options.app_context())
         self.root = self.options.root or Path(tempfile.mkdtemp(prefix="dk8s-twin-"))
         self.kubernetes_version = self.cfg.kubernetes_version  # the AMI's version new launches run (twin/upgrade.py)
         self.second_octet = random.SystemRandom().randint(32, 250)
-        self.aws = MotoAws(self.root / "aws", backend=self)
+        self.aws = MotoAws(
+            self.root / "aws", backend=self, lambda_concurrency_quota=self.options.lambda_concurrency_quota
+        )
         self.procs: dict[str, Proc] = {}
         self.used_ips: set[str] = set()
         self.next_launch_fail: dict[str, dict[str, str]] = {}  # role -> emulator failure for the next launch
         self.lose_events_for: set[str] = set()
         self.lost_events: list[str] = []
+        self.unrouted_events: list[dict[str, Any]] = []
         self.reconciler_enabled = True
         self.reconciler_runs = 0
         self.reconciler_errors: list[str] = []
@@ -134,12 +148,21 @@ class Twin:
         self._observer: EtcdObserver | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.machine: LifecycleMachine | None = None
-        self.cloud: CloudNames | None = None
+        self.machine = LifecycleMachine([], provider=self, on_event=self._on_event)
+        self.cloud: TemplateCloud | None = None
+        self.group_specs: dict[str, GroupSpec] = {}
+        self.lambda_timeouts: dict[str, float] = {}
+        self.timing: TwinTiming | None = None
+        self.load_balancer: LoadBalancer | None = None
+        self.agent_settings: dict[str, float] = {}
+        self.timers: dict[str, float] = {}
         self.timeline = Timeline(self._sample, self.options.sample_interval, on_sample=self._on_sample)
         self._last_names: tuple[str, ...] | None = None
         self.delivery: QueueDelivery | None = None
         self.reconciler: Timer | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.api_file = self.root / "apiserver.json"
+        self.api = FileApiServer(self.api_file)
 
     # -- lifecycle of the twin ----------------------------------------------------------------------------
     def __enter__(self) -> Twin:
@@ -148,44 +171,109 @@ class Twin:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def templates(self) -> dict[str, dict[str, Any]]:
+        """Every synthesized stack (IamStack's roles for the IAM model, K8sClusterStack for the cloud)."""
+        return synthesized_templates(self.options.app_context())
+
+    def template(self) -> dict[str, Any]:
+        if self.options.template is not None:
+            return self.options.template
+        return self.templates()[CLUSTER_STACK]
+
+    def lambda_handler(self, function_name: str) -> str:
+        """``module:function`` of the template's function of that name."""
+        assert self.cloud is not None
+        return next(s.handler for s in self.cloud.lambdas.values() if s.name == function_name)
+
     def start(self) -> Twin:
         t0 = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
+        template = self.template()
+        if self.options.enforce_iam:
+            self.aws.enforce(twin_authorizer({**self.templates(), CLUSTER_STACK: template}, self.cfg))
         self.aws.start()
-        self.cloud = create_cloud(self.aws, self.cfg, self.second_octet)
-        groups = create_groups(
-            self.aws,
-            self.cfg,
-            self.cloud,
-            launch_timeout=self.options.launch_hook_timeout,
-            terminate_timeout=self.options.terminate_hook_timeout,
-            terminate_default=self.options.terminate_default_result,
-            retain_on_abandon=self.options.retain_on_abandon,
-        )
-        self.api_file = self.root / "apiserver.json"
-        self.api = FileApiServer(self.api_file)
-        self._undo_env = MotoAws.apply_environment({**self.aws.environment(), **self.lambda_environment()})
-        cold_start_lambdas()
-        self.machine = LifecycleMachine(groups, provider=self, on_event=self._on_event)
-        self.delivery = QueueDelivery(
-            self.aws.client("sqs"),
-            self.cloud.events_queue_url,
-            self.cloud.events_queue_arn,
-            lambda: load_handler(LIFECYCLE_HANDLER),
-            self.cfg.etcd_lifecycle_function_name,
-            on_event=self._on_event,
-            concurrency=1,  # the stack reserves concurrency 1: membership changes one at a time
-        ).start()
-        self.reconciler = Timer(self.options.reconcile_interval, self.run_reconciler, "reconciler").start()
+        ssm = self.aws.client("ssm")  # what exists in the account before the deploy (image pipeline, cdk bootstrap)
+        ssm.put_parameter(Name=self.cfg.ami, Value=AMI, Type="String")
+        ssm.put_parameter(Name="/cdk-bootstrap/hnb659fds/version", Value=CDK_BOOTSTRAP_VERSION, Type="String")
+        self.cloud = TemplateCloud(template, octet=self.second_octet, time_scale=self.options.time_scale)
+        self.timing = TwinTiming(self.cloud)
+        self.agent_settings = self.timing.agent_settings()
+        self.timers = {
+            "snapshot": self.timing.timer("snapshot", self.cfg.snapshot_interval_minutes * 60.0,
+                                          "agent config snapshotIntervalMinutes (dedicated-k8s-enable-timers)"),
+            "upgrade-addons": self.timing.timer("upgrade-addons",
+                                                systemd_timer_seconds("dedicated-k8s-upgrade-addons.timer"),
+                                                "imagebuilder/systemd/dedicated-k8s-upgrade-addons.timer"),
+        }  # fmt: skip
+        self._prepare_load_balancer()
+        # The Lambdas' environment must be in place before the groups launch: the handlers run in this process.
+        self.cloud.create(self.aws, self)
+        self.timing.queue_visibility()
+        self._start_lambdas()
         self.timeline.start()
         t = threading.Thread(target=self._tick_loop, name="asg-tick", daemon=True)
         t.start()
         self._threads.append(t)
         self.progress(
             f"twin up in {time.monotonic() - t0:.1f}s: moto at {self.aws.endpoint_url}, "
-            f"VPC 127.{self.second_octet}.0.0/16, root {self.root}"
+            f"VPC {self.cloud.addresses.to_twin(self.cloud.addresses.template_cidr)} "
+            f"(the template's {self.cloud.addresses.template_cidr}), time x{self.options.time_scale}, root {self.root}"
         )
         return self
+
+    def _prepare_load_balancer(self) -> None:
+        """The NLB model (twin/loadbalancer.py) configured from the template's target group; its state is a file
+        every instance process shares. Created after the template is read (needs the DNS name): see group_created."""
+        self._lb_path = self.root / "nlb.json"
+
+    def _ensure_load_balancer(self) -> LoadBalancer | None:
+        if self.load_balancer is not None or self.cloud is None or not self.cloud.target_groups:
+            return self.load_balancer
+        assert self.timing is not None
+        (logical_id,) = self.cloud.target_groups
+        settings = TargetGroupSettings(**self.timing.target_group(logical_id))
+        dns = next(m.attrs["DNSName"] for m in self.cloud.made.values() if "DNSName" in m.attrs)
+        self.load_balancer = LoadBalancer(dns, settings, path=self._lb_path)
+        return self.load_balancer
+
+    def _start_lambdas(self) -> None:
+        assert self.cloud is not None and self.timing is not None
+        lambdas = {spec.name: spec for spec in self.cloud.lambdas.values()}
+        if len({json.dumps(s.environment, sort_keys=True) for s in lambdas.values()}) > 1:
+            raise TwinError("the twin runs every Lambda in one process with one environment; the template's differ")
+        (esm,) = self.cloud.event_sources
+        function = self.cloud.lambdas[esm.function]
+        self.lifecycle_function = function
+        if esm.batch_size != 1 or esm.batching_window != 0:
+            raise TwinError(
+                f"{function.name}: BatchSize={esm.batch_size}, MaximumBatchingWindowInSeconds="
+                f"{esm.batching_window}: the twin's event source delivers one message at a time"
+            )
+        if "ReportBatchItemFailures" not in esm.response_types:
+            raise TwinError(
+                f"{function.name}: FunctionResponseTypes {list(esm.response_types)}: the twin's event source "
+                "honours batchItemFailures, which AWS ignores without ReportBatchItemFailures"
+            )
+        env = self.timing.lambda_environment(function)
+        self._lambda_env = {**env, "DRAIN_NODES": "false"}
+        self._undo_env = MotoAws.apply_environment({**self.aws.environment(), **self._lambda_env})
+        cold_start_lambdas()
+        self.delivery = QueueDelivery(
+            self.aws.client("sqs", function.name),  # the event source polls with the function's execution role
+            esm.queue_url,
+            esm.queue_arn,
+            lambda: load_handler(function.handler),
+            function.name,
+            on_event=self._on_event,
+            concurrency=esm_concurrency(esm.maximum_concurrency, function.reserved_concurrency),
+        )
+        self.lambda_timeouts = {s.name: self.timing.lambda_timeout(s) for s in lambdas.values()}
+        self.delivery.timeout_s = self.lambda_timeouts[function.name]
+        self.delivery.start()
+        scheduled = [r for r in self.cloud.rules if r.schedule]
+        self.reconciler_function = lambdas[scheduled[0].targets[0].rsplit(":", 1)[1]]
+        interval = self.timing.schedule(scheduled[0].name, str(scheduled[0].schedule))
+        self.reconciler = Timer(interval, self.run_reconciler, "reconciler").start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -205,49 +293,72 @@ class Twin:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def lambda_environment(self) -> dict[str, str]:
+        """The template's environment of the lifecycle function, its durations scaled. One deviation: the twin's
+        API server is a JSON file, not an HTTPS Kubernetes API, so the Lambda does not drain (DRAIN_NODES=false;
+        the drain is proven in tests/lambdas/test_drain.py)."""
+        return dict(self._lambda_env)
+
+    # -- creation (twin/template.py calls these in CloudFormation's order) ------------------------------------
+    def group_created(self, spec: GroupSpec) -> None:
+        assert self.timing is not None
+        hooks = {h.launching: self._hook(spec.name, h) for h in spec.hooks}
+        self.group_specs[spec.name] = spec
+        self._ensure_load_balancer()
+        self.machine.add_group(Group(spec.name, spec.role, tuple(spec.subnets), spec.desired, hooks.get(True),
+                                     hooks.get(False), spec.retain_on_abandon))  # fmt: skip
+
+    def hook_created(self, group_name: str, hook: HookSpec) -> None:
+        self.machine.put_hook(group_name, self._hook(group_name, hook), launching=hook.launching)
+
+    def _hook(self, group: str, h: HookSpec) -> Hook:
+        assert self.timing is not None
+        return Hook(h.name, self.timing.hook_timeout(group, h.name, h.heartbeat_timeout), h.default_result)
+
+    def removal_deadline(self) -> float:
+        return float(self.lambda_environment()["REMOVAL_DEADLINE_SECONDS"])
+
+    def terminate_hook_timeout(self, role: str) -> float:
+        hooks = [g.terminate_hook for g in self.machine.groups.values() if g.role == role and g.terminate_hook]
+        return max(h.heartbeat_timeout for h in hooks)
+
+    @property
+    def snapshot_bucket(self) -> str:
+        return str(self.group_specs[self.cfg.control_plane_group_names[0]].agent_config["snapshotBucket"])
+
+    @property
+    def events_queue_url(self) -> str:
         assert self.cloud is not None
-        return {
-            "CLUSTER_NAME": self.cfg.cluster_name,
-            "CLUSTER_TAG_KEY": self.cfg.CLUSTER_TAG_KEY,
-            "ROLE_TAG_KEY": self.cfg.ROLE_TAG_KEY,
-            "CONTROL_PLANE_GROUP_NAMES": ",".join(self.cfg.control_plane_group_names),
-            "ETCD_CLIENT_SECRET_NAME": self.cfg.etcd_client_secret_name,
-            "RETRY_QUEUE_URL": self.cloud.events_queue_url,
-            "RETRY_DELAY_SECONDS": str(self.options.retry_delay_seconds),
-            "REMOVAL_DEADLINE_SECONDS": str(self.options.removal_deadline_seconds),
-            "DESIRED_MEMBERS": str(self.options.control_planes),
-            "DRAIN_NODES": "false",  # the twin's API server is a JSON file, not an HTTPS Kubernetes API
-            # Worker terminate hooks reach the Lambda too (twin/cluster.py: terminating): with the drain off it
-            # completes them with CONTINUE at once, as production does after the drain.
-            "WORKER_GROUP_NAMES": ",".join(self.cfg.worker_group_name(g) for g in self.cfg.worker_groups),
-            "METRICS_NAMESPACE": "DedicatedK8s",
-            "POWERTOOLS_METRICS_NAMESPACE": "DedicatedK8s",
-            "POWERTOOLS_SERVICE_NAME": "twin",
-        }
+        return self.cloud.event_sources[0].queue_url
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                assert self.machine is not None
                 self.machine.tick()
+                if self.load_balancer is not None:
+                    self.load_balancer.check(self._api_server_answers)
             except Exception as err:
                 self._on_event("tick-error", error=f"{type(err).__name__}: {err}")
 
+    def _api_server_answers(self, ip: str) -> bool:
+        """The NLB's TCP health check of port 6443: the target's process is alive and its kubeadm emulator runs
+        the control-plane static pods (the simulated API server listens)."""
+        inst = next((i for i in self.machine.snapshot() if i.ip == ip and i.state != TERMINATED), None)
+        proc = self.procs.get(inst.instance_id) if inst else None
+        if inst is None or proc is None or proc.popen.poll() is not None:
+            return False
+        return any(k.startswith(f"{STATIC_PODS}{inst.instance_id}") for k in self.api.objects)
+
     # -- the lifecycle backend the proxy calls (Auto Scaling API) -------------------------------------------
     def complete_action(self, group: str, hook: str, instance_id: str, token: str, result: str) -> None:
-        assert self.machine is not None
         self.machine.complete_action(group, hook, instance_id, token, result)
 
     def heartbeat(self, group: str, hook: str, instance_id: str, token: str) -> None:
-        assert self.machine is not None
         self.machine.heartbeat(group, hook, instance_id, token)
 
     def terminate_in_group(self, instance_id: str, decrement: bool) -> str:
-        assert self.machine is not None
         return self.machine.terminate_in_group(instance_id, decrement)
 
     def lifecycle_state(self, instance_id: str) -> str | None:
-        assert self.machine is not None
         with self.machine.lock:
             inst = self.machine.instances.get(instance_id)
         return inst.state if inst is not None else None
@@ -259,12 +370,20 @@ class Twin:
         )
 
     # -- the Provider the state machine calls ---------------------------------------------------------------
-    def _allocate_ip(self, group: Group) -> str:
+    def _choose_subnet(self, group: Group) -> tuple[str, str]:
+        """Auto Scaling balances a group across its zones: the zone with the fewest of the group's instances."""
+        live = [i for i in self.machine.snapshot() if i.group == group.name and i.state != TERMINATED]
+        zones = [self.procs[i.instance_id].spec["zone"] for i in live if i.instance_id in self.procs]
+        return min(group.subnets, key=lambda zs: zones.count(zs[0]))
+
+    def _allocate_ip(self, subnet_id: str) -> str:
+        """A free host address of the subnet (AWS reserves the first four and the last), bindable on loopback."""
         assert self.cloud is not None
-        base = 64 * list(self.cloud.subnets).index(group.zone)
+        cidr = next(m.attrs["CidrBlock"] for m in self.cloud.made.values() if m.ref == subnet_id)
+        hosts = list(ipaddress.IPv4Network(cidr).hosts())[3:-1]
         rng = random.SystemRandom()
         for _ in range(500):
-            ip = f"127.{self.second_octet}.{base + rng.randint(0, 63)}.{rng.randint(2, 254)}"
+            ip = str(rng.choice(hosts))
             if ip in self.used_ips:
                 continue
             try:
@@ -275,25 +394,21 @@ class Twin:
                 continue
             self.used_ips.add(ip)
             return ip
-        raise TwinError("no free loopback address")
+        raise TwinError(f"no free loopback address in {cidr}")
 
     def launch(self, group: Group) -> tuple[str, str]:
-        assert self.cloud is not None
         ec2, asg = self.aws.client("ec2"), self.aws.client("autoscaling")
-        ip = self._allocate_ip(group)
-        tags = [
-            {"Key": self.cfg.CLUSTER_TAG_KEY, "Value": self.cfg.cluster_name},
-            {"Key": self.cfg.ROLE_TAG_KEY, "Value": group.role},
-            {"Key": "aws:autoscaling:groupName", "Value": group.name},
-            {"Key": "Name", "Value": f"{self.cfg.resource_prefix}-{group.role}"},
-        ]
+        spec = self.group_specs[group.name]
+        zone, subnet_id = self._choose_subnet(group)
+        ip = self._allocate_ip(subnet_id)
+        tags = [{"Key": t["Key"], "Value": t["Value"]} for t in spec.tags if t.get("PropagateAtLaunch")]
+        tags.append({"Key": "aws:autoscaling:groupName", "Value": group.name})
         inst = ec2.run_instances(
-            ImageId=AMI,
             MinCount=1,
             MaxCount=1,
-            SubnetId=group.subnet_id,
+            SubnetId=subnet_id,
             PrivateIpAddress=ip,
-            LaunchTemplate={"LaunchTemplateName": f"{self.cfg.resource_prefix}-{group.role}"},
+            LaunchTemplate={"LaunchTemplateId": spec.launch_template_id},
             TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
         )["Instances"][0]
         iid = inst["InstanceId"]
@@ -305,24 +420,29 @@ class Twin:
         root = self.root / "instances" / iid
         root.mkdir(parents=True, exist_ok=True)
         config_path = root / "agent.json"
-        config_path.write_text(json.dumps(self.agent_json(group.role)))
-        spec = {
+        config_path.write_text(json.dumps(self.agent_json(group.name)))
+        lb = self.load_balancer
+        proc_spec = {
             "instanceId": iid,
             "ip": ip,
             "region": REGION,
-            "zone": group.zone,
+            "zone": zone,
             "group": group.name,
             "root": str(root),
             "configPath": str(config_path),
             "apiServerFile": str(self.api_file),
-            "settings": self.options.agent_settings,
+            "settings": self.agent_settings,
             "fail": self.next_launch_fail.pop(group.role, None),
-            "snapshotEverySeconds": self.options.snapshot_every_seconds,
-            "upgradeAddonsEverySeconds": self.options.upgrade_addons_every_seconds,
+            "snapshotEverySeconds": self.timers["snapshot"] if self.options.snapshots else 0.0,
+            "upgradeAddonsEverySeconds": self.timers["upgrade-addons"] if self.options.addon_upgrades else 0.0,
+            "loadBalancer": {"path": str(self._lb_path), "dnsName": lb.dns_name, **dataclasses.asdict(lb.settings)}
+            if lb is not None
+            else None,
         }
-        (root / "spec.json").write_text(json.dumps(spec))
+        (root / "spec.json").write_text(json.dumps(proc_spec))
         log = (root / "agent.log").open("ab")
-        env = {**os.environ, **self.aws.environment(), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        aws_env = self.aws.principal_environment(group.role)  # the instance role's credentials
+        env = {**os.environ, **aws_env, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(
             [sys.executable, "-m", "twin.instance", str(root / "spec.json")],
             cwd=REPO,
@@ -332,37 +452,17 @@ class Twin:
             start_new_session=True,
         )
         log.close()
-        self.procs[iid] = Proc(popen, root, spec)
+        self.procs[iid] = Proc(popen, root, proc_spec)
         return iid, ip
 
-    def agent_json(self, role: str) -> dict[str, Any]:
-        assert self.cloud is not None
-        return {
-            "clusterName": self.cfg.cluster_name,
-            "role": role,
-            "region": REGION,
-            "kubernetesVersion": self.kubernetes_version,
-            "apiEndpoint": f"{self.cfg.resource_prefix}-api.elb.{REGION}.amazonaws.com",
-            "apiPort": 6443,
-            "clusterStateTable": self.cfg.cluster_state_table_name,
-            "snapshotBucket": self.cloud.bucket,
-            "kmsKeyId": self.cloud.kms_key_arn,
-            "pkiSecretName": self.cfg.pki_secret_name,
-            "etcdClientSecretName": self.cfg.etcd_client_secret_name,
-            "joinSecretName": self.cfg.join_secret_name,
-            "snapshotIntervalMinutes": self.cfg.snapshot_interval_minutes,
-            "snapshotRetentionDays": self.cfg.snapshot_retention_days,
-            "launchHookName": self.cloud.launch_hook,
-            "podCidr": "10.244.0.0/16",
-            "serviceCidr": "10.96.0.0/12",
-            "kubeClientSecretName": self.cfg.kube_client_secret_name,
-            # Rendered into the termination handler's manifest only (the twin runs no pods).
-            "terminationHandlerQueueUrl": f"https://sqs.{REGION}.amazonaws.com/123456789012/"
-            f"{self.cfg.termination_handler_queue_name}",
-            "vpcCidr": "127.0.0.0/8",
-        }
+    def agent_json(self, group_name: str) -> dict[str, Any]:
+        """The agent config the launch template's user data writes (twin/template.py reads it), with the version
+        of the AMI new launches run (twin/upgrade.py's "new AMI")."""
+        return {**self.group_specs[group_name].agent_config, "kubernetesVersion": self.kubernetes_version}
 
     def terminating(self, inst: Instance, group: Group, hook: Hook) -> None:
+        """Auto Scaling emits the lifecycle event to EventBridge; each ENABLED rule whose pattern matches sends it
+        to its targets (the template's rules; an event no rule matches goes nowhere, as on AWS)."""
         assert self.cloud is not None
         if inst.instance_id in self.lose_events_for:
             self.lose_events_for.discard(inst.instance_id)
@@ -372,7 +472,15 @@ class Twin:
         event = terminate_lifecycle_event(
             group=group.name, hook=hook.name, instance_id=inst.instance_id, token=inst.hook_token
         )
-        self.aws.client("sqs").send_message(QueueUrl=self.cloud.events_queue_url, MessageBody=json.dumps(event))
+        queues = {q["arn"]: q["url"] for q in self.cloud.queues.values()}
+        targets = [t for r in self.cloud.rules if r.matches(event) for t in r.targets]
+        if not targets:
+            self.unrouted_events.append(event)
+            self._on_event("event-unrouted", instance_id=inst.instance_id, group=group.name)
+        for target in targets:
+            if target not in queues:
+                raise TwinError(f"rule target {target}: the twin delivers lifecycle events to SQS queues only")
+            self.aws.client("sqs").send_message(QueueUrl=queues[target], MessageBody=json.dumps(event))
 
     def retained(self, inst: Instance) -> None:
         """Retained on abandon: the instance (and its etcd) keeps running, outside the group's capacity."""
@@ -424,10 +532,11 @@ class Twin:
         from twin.events import LambdaContext
 
         self.reconciler_runs += 1
+        fn = self.reconciler_function
         try:
-            load_handler(RECONCILER_HANDLER)(
+            load_handler(fn.handler)(
                 scheduled_event(f"{self.cfg.resource_prefix}-reconcile"),
-                LambdaContext(self.cfg.reconciler_function_name),
+                LambdaContext(fn.name, self.lambda_timeouts[fn.name]),
             )
         except Exception as err:
             self.reconciler_errors.append(f"{type(err).__name__}: {err}")
@@ -437,8 +546,10 @@ class Twin:
         """Invoke the cluster-ops Lambda in-process (the canary's status/put/get)."""
         from twin.events import LambdaContext
 
-        return load_handler(OPS_HANDLER)(
-            {"action": action, **payload}, LambdaContext(self.cfg.cluster_ops_function_name)
+        name = self.cfg.cluster_ops_function_name
+        spec = next(s for s in self.cloud.lambdas.values() if s.name == name)  # type: ignore[union-attr]
+        return load_handler(spec.handler)(
+            {"action": action, **payload}, LambdaContext(name, self.lambda_timeouts[name])
         )
 
     # -- observation -------------------------------------------------------------------------------------------
@@ -484,6 +595,7 @@ class Twin:
     def _on_event(self, kind: str, **fields: Any) -> None:
         if kind == "state":
             state = fields["state"]
+            self._load_balancer_follows(fields["instance_id"], fields["group"], state, fields["ip"])
             if state == IN_SERVICE and fields.get("role") == "control-plane":
                 self.timeline.event("join", **fields)
                 self.progress(f"  {fields['instance_id']} ({fields['ip']}) InService")
@@ -502,6 +614,18 @@ class Twin:
             self.progress(f"  ! {kind}: {fields.get('error')}")
         else:
             self.timeline.event(kind, **fields)
+
+    def _load_balancer_follows(self, instance_id: str, group: str, state: str, ip: str) -> None:
+        """The group registers an instance with its target groups when it enters InService and deregisters it
+        when it leaves ("How lifecycle hooks work in Auto Scaling groups"; "Use Elastic Load Balancing to
+        distribute incoming application traffic in your Auto Scaling group")."""
+        spec = self.group_specs.get(group)
+        if self.load_balancer is None or spec is None or not spec.target_groups:
+            return
+        if state == IN_SERVICE:
+            self.load_balancer.register(instance_id, ip)
+        elif state in (TERMINATING_WAIT, TERMINATED, RETAINED):
+            self.load_balancer.deregister(instance_id)
 
     # -- waiting and checking -------------------------------------------------------------------------------------
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float, interval: float = 0.25) -> float:

@@ -160,6 +160,7 @@ class QueueDelivery:
         self.function_name = function_name
         self.on_event = on_event
         self.poll_interval = poll_interval
+        self.timeout_s = 60.0  # the function's Timeout (the twin sets the template's, scaled)
         self.invocations = 0
         self.errors = 0
         self.before_invoke: Callable[[dict[str, Any]], None] | None = None  # chaos hooks
@@ -212,7 +213,7 @@ class QueueDelivery:
             detail = body.get("detail", {}) if isinstance(body.get("detail"), dict) else {}
             self.invocations += 1
             try:
-                result = self.handler()({"Records": [record]}, LambdaContext(self.function_name))
+                result = self.handler()({"Records": [record]}, LambdaContext(self.function_name, self.timeout_s))
                 failures = (result or {}).get("batchItemFailures", []) if isinstance(result, dict) else []
                 ok = not any(f.get("itemIdentifier") == record["messageId"] for f in failures)
             except Exception as err:

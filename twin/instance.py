@@ -11,6 +11,9 @@ a loopback process has not:
   the API server/kubelet it simulates is shared between processes through :class:`twin.apiserver.FileApiServer`;
 * AWS: boto3 reaches the twin's moto server through ``AWS_ENDPOINT_URL`` (set by the twin).
 
+Its settings (``spec["settings"]``) are AgentSettings' production defaults times the twin's one time scale
+(twin/timing.py), and so are its timers (snapshot, add-on upgrade).
+
 The launch hook is the production ``AutoScalingLaunchHook`` (its call reaches the twin's lifecycle state
 machine through the proxy in :mod:`twin.aws`). After a successful launch the process stays alive as the
 instance (its etcd is a child process in the same process group) and runs the snapshot timer every
@@ -38,6 +41,7 @@ from node_agent.log import Metrics, configure_logging
 from node_agent.secrets import SecretStore
 from tests.agent.kubeadm_emulator import KubeadmEmulator
 from twin.apiserver import FileApiServer
+from twin.loadbalancer import LoadBalancer, TargetGroupSettings
 
 
 def settings_from(spec: dict[str, Any]) -> AgentSettings:
@@ -46,14 +50,27 @@ def settings_from(spec: dict[str, Any]) -> AgentSettings:
         kubernetes_dir=root / "etc-kubernetes",
         state_dir=root / "state",
         etcd_data_dir=root / "etcd-data",
+        hosts_file=root / "hosts",  # the instance's own /etc/hosts (node_agent/hosts.py manages a block in it)
         **spec.get("settings", {}),
     )
+
+
+def load_balancer_from(spec: dict[str, Any]) -> LoadBalancer:
+    """The twin's NLB (file-backed state) as the twin configured it from the template's target group."""
+    doc = spec.get("loadBalancer")
+    if not doc:
+        raise ValueError(f"instance spec {spec.get('instanceId')}: no loadBalancer (the template has no target group)")
+    settings = {k: v for k, v in doc.items() if k not in ("path", "dnsName")}
+    return LoadBalancer(doc["dnsName"], TargetGroupSettings(**settings), path=Path(doc["path"]))
 
 
 def run(spec: dict[str, Any]) -> int:
     root = Path(spec["root"])
     identity = InstanceIdentity(spec["instanceId"], spec["ip"], spec["region"], spec.get("zone", ""))
     settings = settings_from(spec)
+    # The NLB model every process shares (twin/loadbalancer.py): the emulator's kubeadm phases and kubectl calls
+    # go where they go in production, through the NLB or (hosts file) to the node's own API server.
+    lb = load_balancer_from(spec)
     runner = KubeadmEmulator(
         node_name=identity.node_name,
         ip=spec["ip"],
@@ -62,6 +79,8 @@ def run(spec: dict[str, Any]) -> int:
         api=FileApiServer(Path(spec["apiServerFile"])),  # type: ignore[arg-type]
         log_dir=root,
         fail=spec.get("fail") or {},
+        hosts_file=settings.hosts_file,
+        load_balancer=lb,
     )
     built: list[Agent] = []
 

@@ -8,15 +8,21 @@ heartbeat raise NotImplementedError: docs/facts.md). This module is the whole st
                  v                                                  v
               Terminating:Wait (terminate hook still runs)      Terminating:Retained (left running)
 
-A terminate hook whose heartbeat timeout elapses takes the hook's default result. After an instance is
-Terminated (or Retained) the group launches a replacement so it holds its desired capacity; an instance in
-a wait state still counts, so the replacement comes after the old instance has left (the order the
-brief and the design assume). What happens to the instance itself (start a process, kill it, mirror it
+A group without a launch hook (its hook is a separate AWS::AutoScaling::LifecycleHook resource that
+CloudFormation creates only after the group, :mod:`twin.template`) puts its instances straight into
+InService: there is no lifecycle action, and completing one is refused ("No active Lifecycle Action found").
+Hooks are looked up when an instance makes its transition, so a hook added later applies from the next
+launch or termination on ("Amazon EC2 Auto Scaling lifecycle hooks": a hook takes effect for instances
+launching or terminating after it is added). A hook whose heartbeat timeout elapses takes its default result.
+After an instance is Terminated (or Retained) the group launches a replacement so it holds its desired
+capacity; an instance in a wait state still counts, so the replacement comes after the old instance has left
+(the order the brief and the design assume). What happens to the instance itself (start a process, kill it, mirror it
 into moto's EC2, publish the EventBridge event) is the :class:`Provider`'s job (:mod:`twin.cluster`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -46,10 +52,9 @@ class Hook:
 class Group:
     name: str
     role: str  # control-plane | worker
-    zone: str
-    subnet_id: str
+    subnets: tuple[tuple[str, str], ...]  # (zone, subnet id): VPCZoneIdentifier
     desired: int
-    launch_hook: Hook
+    launch_hook: Hook | None
     terminate_hook: Hook | None
     retain_on_abandon: bool
 
@@ -92,7 +97,7 @@ class LifecycleMachine:
     def __init__(
         self, groups: list[Group], provider: Provider, on_event: Callable[..., None] = lambda kind, **f: None
     ) -> None:
-        self.groups = {g.name: g for g in groups}
+        self.groups: dict[str, Group] = {g.name: g for g in groups}
         self.provider = provider
         self.on_event = on_event
         self.instances: dict[str, Instance] = {}
@@ -117,6 +122,26 @@ class LifecycleMachine:
             )
         return inst
 
+    # -- the groups (created one at a time, in the template's creation order) ---------------------------------
+    def add_group(self, group: Group) -> list[Instance]:
+        """CreateAutoScalingGroup: the group exists and launches its desired capacity at once."""
+        with self.lock:
+            if group.name in self.groups:
+                raise LifecycleRefusedError(f"AlreadyExists: an Auto Scaling group named {group.name} exists")
+            self.groups[group.name] = group
+        return [self.launch(group.name) for _ in range(group.desired)]
+
+    def put_hook(self, group_name: str, hook: Hook, *, launching: bool) -> None:
+        """PutLifecycleHook: applies to transitions from now on, never to instances already past them."""
+        with self.lock:
+            group = self.groups.get(group_name)
+            if group is None:
+                raise LifecycleRefusedError(f"Group {group_name} not found")
+            if launching:
+                self.groups[group_name] = dataclasses.replace(group, launch_hook=hook)
+            else:
+                self.groups[group_name] = dataclasses.replace(group, terminate_hook=hook)
+
     # -- transitions -----------------------------------------------------------------------------------
     def _set(self, inst: Instance, state: str, **fields: Any) -> None:
         inst.state = state
@@ -129,18 +154,16 @@ class LifecycleMachine:
         group = self.groups[group_name]
         instance_id, ip = self.provider.launch(group)
         with self.lock:
-            inst = Instance(
-                instance_id,
-                group.name,
-                group.role,
-                ip,
-                "",
-                time.time(),
-                hook_token=str(uuid.uuid4()),
-                hook_deadline=time.monotonic() + group.launch_hook.heartbeat_timeout,
-            )
+            hook = self.groups[group_name].launch_hook  # as it is now: a hook added during the launch is too late
+            inst = Instance(instance_id, group.name, group.role, ip, "", time.time())
             self.instances[instance_id] = inst
-            self._set(inst, PENDING_WAIT)
+            if hook is None:
+                inst.in_service_at = time.time()
+                self._set(inst, IN_SERVICE, launch_hook="none")
+            else:
+                inst.hook_token = str(uuid.uuid4())
+                inst.hook_deadline = time.monotonic() + hook.heartbeat_timeout
+                self._set(inst, PENDING_WAIT)
         self.on_event("launch", instance_id=instance_id, group=group.name, role=group.role, ip=ip)
         return inst
 
@@ -238,8 +261,8 @@ class LifecycleMachine:
                 if inst.state in WAIT_STATES and now >= inst.hook_deadline:
                     g = self.groups[inst.group]
                     hook = g.launch_hook if inst.state == PENDING_WAIT else g.terminate_hook
-                    assert hook is not None
-                    self._complete(inst, hook.default_result, source="heartbeat-timeout")
+                    default = hook.default_result if hook is not None else "ABANDON"
+                    self._complete(inst, default, source="heartbeat-timeout")
             if self.paused:
                 return
             counts = {name: 0 for name in self.groups}

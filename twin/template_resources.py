@@ -16,6 +16,7 @@ from typing import Any
 from twin.aws import ACCOUNT, PARTITION, REGION
 from twin.template import (
     ROLE_TAG_KEY,
+    URL_SUFFIX,
     EventSourceSpec,
     GroupSpec,
     HookSpec,
@@ -52,7 +53,8 @@ def subnet(cloud: TemplateCloud, lid: str, props: dict[str, Any]) -> _Made:
         AvailabilityZone=p["AvailabilityZone"],
         TagSpecifications=[{"ResourceType": "subnet", "Tags": _tags(p)}] if p.get("Tags") else [],
     )["Subnet"]
-    return _Made(sub["SubnetId"], {"AvailabilityZone": p["AvailabilityZone"], "SubnetId": sub["SubnetId"]})
+    attrs = {"AvailabilityZone": p["AvailabilityZone"], "SubnetId": sub["SubnetId"], "CidrBlock": sub["CidrBlock"]}
+    return _Made(sub["SubnetId"], attrs)
 
 
 @creates("AWS::EC2::RouteTable")
@@ -433,10 +435,13 @@ def queue(cloud: TemplateCloud, lid: str, props: dict[str, Any]) -> _Made:
     if "RedrivePolicy" in p:
         attributes["RedrivePolicy"] = json.dumps(p["RedrivePolicy"])
     sqs = cloud.client("sqs")
-    url = sqs.create_queue(QueueName=name, Attributes=attributes, tags={t["Key"]: t["Value"] for t in _tags(p)})[
+    moto_url = sqs.create_queue(QueueName=name, Attributes=attributes, tags={t["Key"]: t["Value"] for t in _tags(p)})[
         "QueueUrl"
     ]
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    arn = sqs.get_queue_attributes(QueueUrl=moto_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    # Ref is the queue URL as SQS names it (what the agent's config validation expects); boto3 clients pointed at
+    # the twin's endpoint send it as a parameter and moto finds the queue by its name.
+    url = f"https://sqs.{REGION}.{URL_SUFFIX}/{ACCOUNT}/{name}"
     cloud.queues[lid] = {"url": url, "arn": arn, "attributes": attributes}
     return _Made(url, {"Arn": arn, "QueueName": name, "QueueUrl": url})
 

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--report", type=Path, default=Path("reports/upgrade-report.json"))
     args = parser.parse_args(argv)
-    options = TwinOptions(workers=args.workers, terminate_hook_timeout=12.0, upgrade_addons_every_seconds=1.0)
+    options = TwinOptions(workers=args.workers, addon_upgrades=True)
     with Twin(options, progress=print) as twin:
         result = run_upgrade(twin, args.to)
     args.report.parent.mkdir(parents=True, exist_ok=True)

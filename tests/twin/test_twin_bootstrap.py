@@ -14,7 +14,7 @@ def test_three_control_planes_and_two_workers_bootstrap_with_exactly_one_initial
     sample = real_twin.latest()
     assert sample is not None and sample.healthy_voters == 3 and sample.learners == 0 and sample.quorum
     # Every launch hook was completed by the agent itself (CONTINUE through the Auto Scaling API), not by a timeout.
-    for inst in real_twin.machine.snapshot():  # type: ignore[union-attr]
+    for inst in real_twin.machine.snapshot():
         assert inst.state == IN_SERVICE and inst.launch_result == "CONTINUE"
         assert any(
             e["kind"] == "hook" and e["instance_id"] == inst.instance_id and e["source"] == "complete"
@@ -35,7 +35,7 @@ def test_moto_ec2_mirrors_the_twins_instances(real_twin: Twin) -> None:
     for r in ec2.describe_instances(Filters=filters)["Reservations"]:
         for i in r["Instances"]:
             found[i["InstanceId"]] = (i["PrivateIpAddress"], {t["Key"]: t["Value"] for t in i["Tags"]})
-    twin_view = {i.instance_id: i for i in real_twin.machine.snapshot()}  # type: ignore[union-attr]
+    twin_view = {i.instance_id: i for i in real_twin.machine.snapshot()}
     assert set(found) == set(twin_view)
     for iid, (ip, tags) in found.items():
         assert ip == twin_view[iid].ip and ip.startswith("127.")

@@ -26,12 +26,12 @@ def _run(twin: Twin, count: int, seed: int, dr: bool) -> None:
     assert len(twin.initialisers()) == 1
 
 
-@pytest.mark.twin_options(workers=0, terminate_hook_timeout=12.0)
+@pytest.mark.twin_options(workers=0)
 def test_bounded_chaos_keeps_every_invariant_over_about_20_replacements(real_twin: Twin) -> None:
     _run(real_twin, count=int(os.environ.get("TWIN_CHAOS_COUNT", "20")), seed=20261125, dr=False)
 
 
 @pytest.mark.chaos_long
-@pytest.mark.twin_options(workers=0, terminate_hook_timeout=12.0, snapshot_every_seconds=2.0)
+@pytest.mark.twin_options(workers=0, snapshots=True, snapshot_interval_minutes=5)
 def test_long_chaos_with_disaster_recovery(real_twin: Twin) -> None:
     _run(real_twin, count=int(os.environ.get("TWIN_CHAOS_COUNT", "150")), seed=7, dr=True)

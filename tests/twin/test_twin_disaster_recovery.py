@@ -10,7 +10,7 @@ from twin.chaos import Chaos
 from twin.cluster import Twin
 
 
-@pytest.mark.twin_options(workers=0, snapshot_every_seconds=1.5)
+@pytest.mark.twin_options(workers=0, snapshots=True, snapshot_interval_minutes=5)
 def test_all_control_planes_lost_restores_the_latest_snapshot_with_every_write_before_it(real_twin: Twin) -> None:
     chaos = Chaos(real_twin, seed=3, progress=lambda line: None, dr=True)
     chaos.weights = {"all-lost-dr": 1}

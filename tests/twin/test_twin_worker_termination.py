@@ -13,7 +13,7 @@ from twin.cluster import Twin
 from twin.lifecycle import IN_SERVICE
 
 
-@pytest.mark.twin_options(workers=1, terminate_hook_timeout=30.0)
+@pytest.mark.twin_options(workers=1)
 def test_a_worker_terminate_hook_is_completed_by_the_lifecycle_lambda(real_twin: Twin) -> None:
     real_twin.wait_bootstrapped(120)
     assert real_twin.machine is not None

@@ -14,7 +14,7 @@ from twin.lifecycle import IN_SERVICE
 from twin.upgrade import next_minor, run_upgrade
 
 
-@pytest.mark.twin_options(workers=1, terminate_hook_timeout=12.0, upgrade_addons_every_seconds=1.0)
+@pytest.mark.twin_options(workers=1, addon_upgrades=True)
 def test_an_upgrade_by_replacement_keeps_quorum_and_every_write_and_upgrades_config_and_addons_once(
     real_twin: Twin,
 ) -> None:
@@ -31,7 +31,7 @@ def test_an_upgrade_by_replacement_keeps_quorum_and_every_write_and_upgrades_con
     assert result.lost_writes == 0 and result.acked_writes > 0
     assert real_twin.converged() and len(real_twin.initialisers()) == 1
     # Every node now runs the new version, and the control plane renders its static pods at it.
-    live = [i.instance_id for i in real_twin.machine.snapshot() if i.state == IN_SERVICE]  # type: ignore[union-attr]
+    live = [i.instance_id for i in real_twin.machine.snapshot() if i.state == IN_SERVICE]
     versions = {
         iid: json.loads((real_twin.procs[iid].root / "agent.json").read_text())["kubernetesVersion"] for iid in live
     }
