@@ -10,7 +10,7 @@ export AWS_EC2_METADATA_DISABLED := true
 # etcd 3.5.30 (etcd, etcdctl, etcdutl) from scripts/install-etcd.sh, ahead of anything the machine has.
 export PATH := $(CURDIR)/.tools/etcd/usr/bin:$(PATH)
 
-.PHONY: setup demo twin-demo test lint typecheck pytest synth policy chaos upgrade benchmark clean
+.PHONY: setup demo twin-demo test lint typecheck pytest synth policy chaos upgrade benchmark preflight clean
 
 setup: .venv/.stamp .venv-checkov/.stamp node_modules/.stamp .system.stamp .tools/etcd/usr/bin/etcdutl
 
@@ -81,6 +81,12 @@ chaos: setup
 # An upgrade by replacement on the twin: N -> N+1 through pipeline/rollout.py (reports/upgrade-report.json).
 upgrade: setup
 	@$(PY) -m twin.upgrade
+
+# Read-only checks of the target account before a deploy, with your credentials (README "First deploy"):
+# make preflight REGION=us-east-1 [ACCOUNT=111111111111] [CONTEXT="irsa=true vpcId=vpc-..."] [OUTPUT=json]
+preflight: setup
+	@$(PY) -m pipeline.preflight $(if $(REGION),--region $(REGION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
+	  $(foreach c,$(CONTEXT),--context $(c)) $(if $(OUTPUT),-o $(OUTPUT))
 
 # Handler latency per lifecycle event on real etcd (median, p95 over 50 events) and the import time.
 benchmark: setup

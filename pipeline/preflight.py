@@ -578,6 +578,9 @@ def main(argv: Sequence[str] | None = None, *, aws: Clients | None = None, stdou
     except (ConfigError, ValueError) as error:
         print(f"preflight: {error}", file=err)
         return 2
+    except (BotoCoreError, ClientError) as error:  # no credentials, or not allowed to assume --role-arn
+        print(f"preflight: cannot call AWS with these credentials: {error}", file=err)
+        return 2
     results = run_checks(config, planned, aws, account, progress)
     failed = [r.name for r in results if r.status == "FAIL"]
     if args.output == "json":

@@ -20,12 +20,11 @@ from pipeline.smoke.checks import (
     SmokeOptions,
     run_checks,
 )
+from pipeline.table import format_table as table
 
 
 def format_table(results: Sequence[CheckResult]) -> str:
-    rows = [("CHECK", "RESULT", "DETAIL"), *((r.name, r.status, r.detail) for r in results)]
-    width = [max(len(row[i]) for row in rows) for i in range(2)]
-    return "\n".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in rows)
+    return table([("CHECK", "RESULT", "DETAIL"), *((r.name, r.status, r.detail) for r in results)])
 
 
 def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:

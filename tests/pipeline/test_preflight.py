@@ -534,3 +534,16 @@ def test_a_stage_reads_the_pipelines_stage_configuration() -> None:
 def test_read_actions_are_reads() -> None:
     verbs = ("Describe", "Get", "List")
     assert all(action.split(":")[1].startswith(verbs) for action in READ_ACTIONS), READ_ACTIONS
+
+
+def test_no_credentials_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore's own credential chain with nothing in it: no keys, no files, no instance metadata."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["--region", REGION], stdout=out, stderr=err)
+    assert code == 2 and out.getvalue() == ""
+    assert err.getvalue().strip() == "preflight: cannot call AWS with these credentials: Unable to locate credentials"
