@@ -317,3 +317,19 @@ def authorizer_from_templates(
         resolve = cluster_resolver or template_resolver(cluster_template, pseudo)
         endpoint_services = endpoint_services_from_template(cluster_template, resolve)
     return Authorizer(book, arns, endpoints=EndpointModel.of(endpoint_services, arns.region))
+
+
+def twin_authorizer(stacks: Mapping[str, Mapping[str, Any]], cfg: Any, arns: Arns | None = None) -> Authorizer:
+    """The authorizer for a twin of ``cfg`` (a ClusterConfig) from its synthesized ``IamStack`` and
+    ``K8sClusterStack``: principals ``control-plane`` / ``worker`` (the instance roles, the names of the
+    twin's group roles) and one per Lambda function (its function name)."""
+    if arns is None:
+        from twin.aws import ACCOUNT, PARTITION, REGION
+
+        arns = Arns(PARTITION, REGION, ACCOUNT)
+    return authorizer_from_templates(
+        stacks["IamStack"],
+        stacks["K8sClusterStack"],
+        node_roles={"control-plane": cfg.control_plane_role_name, "worker": cfg.worker_role_name},
+        arns=arns,
+    )

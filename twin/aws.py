@@ -304,14 +304,22 @@ class MotoAws:
         self._server.authorizer = authorizer
         self._server.lambda_concurrency_quota = lambda_concurrency_quota
         self._server.reserved_concurrency = reserved_concurrency
-        self.authorizer = authorizer
-        if authorizer is not None and authorizer.lookup is None:
+        self.authorizer: Authorizer | None = None
+        self._deactivate: Callable[[], None] | None = None
+        if authorizer is not None:
+            self.enforce(authorizer)
+        self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._session = boto3.session.Session(region_name=REGION, **DUMMY_CREDENTIALS)
+
+    def enforce(self, authorizer: Authorizer) -> None:
+        """Authorise every request from now on (call before :meth:`start`: instance processes and Lambdas take
+        their principals' credentials from it)."""
+        if authorizer.lookup is None:
             moto = boto3.session.Session(region_name=REGION, **DUMMY_CREDENTIALS)
             moto_url = f"http://127.0.0.1:{self.moto_port}"
             authorizer.lookup = MotoLookup(lambda service: moto.client(service, endpoint_url=moto_url))
-        self._deactivate: Callable[[], None] | None = None
-        self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._session = boto3.session.Session(region_name=REGION, **DUMMY_CREDENTIALS)
+        self.authorizer = authorizer
+        self._server.authorizer = authorizer
 
     def start(self) -> MotoAws:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -352,8 +360,9 @@ class MotoAws:
         return self.authorizer.principals if self.authorizer is not None else PrincipalBook()
 
     def client(self, service: str, principal: str | None = None) -> Any:
-        """A boto3 client of the twin's AWS, signing as ``principal`` (default: the unrestricted harness)."""
-        if principal is None:
+        """A boto3 client of the twin's AWS, signing as ``principal`` (default, or without IAM enforced: the
+        unrestricted harness)."""
+        if principal is None or self.authorizer is None:
             return self._session.client(service, endpoint_url=self.endpoint_url)
         creds = self.principals[principal].credentials()
         return boto3.session.Session(region_name=REGION, **creds).client(service, endpoint_url=self.endpoint_url)
@@ -370,7 +379,10 @@ class MotoAws:
         }
 
     def principal_environment(self, principal: str) -> dict[str, str]:
-        """:meth:`environment` with ``principal``'s credentials (an instance process: its instance role's)."""
+        """:meth:`environment` with ``principal``'s credentials (an instance process: its instance role's); the
+        harness's without IAM enforced."""
+        if self.authorizer is None:
+            return self.environment()
         return {**self.environment(), **self.principals[principal].environment()}
 
     def iam_report(self) -> dict[str, Any]:

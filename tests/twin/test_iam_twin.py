@@ -17,6 +17,7 @@ AWS behaviours modelled, and where they are documented:
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,3 +385,50 @@ def test_the_default_quota_is_awss_default(tmp_path: Path) -> None:
     finally:
         aws.stop()
     assert ARNS.region == REGION
+
+
+# -- the whole twin with IAM and endpoints enforced ----------------------------------------------------------------
+def test_the_bootstrap_runs_with_iam_and_endpoints_enforced_and_nothing_denied(real_twin: Any) -> None:
+    """Three control planes and two workers bootstrap, the reconciler runs and the cluster-ops Lambda answers, every
+    call signed as its own role and authorised against the synthesized stacks (TwinOptions.enforce_iam, the
+    default): no call of the product is denied and none goes to a service without a VPC endpoint."""
+    twin = real_twin
+    assert twin.aws.authorizer is not None, "the twin enforces IAM by default"
+    twin.wait_bootstrapped(timeout=180)
+    twin.run_reconciler()
+    status = twin.ops("status")
+    assert status, status
+    report = twin.aws.iam_report()
+    assert report["denied"] == [], "\n".join(report["denied"])
+    assert report["unreachable"] == [], "\n".join(report["unreachable"])
+    unused = report["unused_permissions"]
+    # the calls were made as the roles (their grants were used), not as the unrestricted harness
+    assert not any(r.endswith(":ClusterState dynamodb:PutItem") for r in unused["control-plane"])  # the election
+    assert not any(r.endswith(" autoscaling:CompleteLifecycleAction") for r in unused["worker"])  # its launch hook
+    ops = unused.get(CFG.cluster_ops_function_name, [])
+    assert not any(r.endswith(":EtcdClientCertificate secretsmanager:GetSecretValue") for r in ops)
+    print("granted but unused in this run:", json.dumps(report["unused_permissions"], indent=1))
+
+
+def test_the_preflight_lambda_concurrency_check_runs_against_the_twin(tmp_path: Path) -> None:
+    """pipeline/preflight.py's check, unchanged, against the twin's endpoint: with a 10-execution quota Lambda
+    keeps all 10 unreserved ("Lambda quotas": it always keeps 100, or the whole quota when smaller), so any
+    reservation fails; with the default 1,000 the template's reservations fit."""
+    from pipeline.preflight import check_lambda_concurrency
+
+    functions = [
+        r for r in templates()["K8sClusterStack"]["Resources"].values() if r["Type"] == "AWS::Lambda::Function"
+    ]
+    reserved = {
+        r["Properties"]["FunctionName"]: int(r["Properties"]["ReservedConcurrentExecutions"])
+        for r in functions
+        if "ReservedConcurrentExecutions" in r["Properties"]
+    }
+    for quota, asked, status in ((10, {"dk8s-twin-etcd-lifecycle": 1}, "FAIL"), (1000, reserved, "ok")):
+        aws = MotoAws(tmp_path / str(quota), Backend(), lambda_concurrency_quota=quota).start()
+        try:
+            result = check_lambda_concurrency(aws.client, asked)
+        finally:
+            aws.stop()
+        assert result.status == status, result
+        assert f"quota {quota}, unreserved {quota}" in result.found
