@@ -48,8 +48,7 @@ def machine(
     g = Group(
         "cp-0",
         "control-plane",
-        "a",
-        "subnet-1",
+        (("a", "subnet-1"),),
         1,
         Hook("launch", launch_timeout, "ABANDON"),
         Hook("term", term_timeout, default),
@@ -158,3 +157,30 @@ def test_a_second_completion_after_termination_is_refused() -> None:
         m.complete_action("cp-0", "term", inst.instance_id, "", "CONTINUE")
     with pytest.raises(LifecycleRefusedError):
         m.terminate_in_group(inst.instance_id)
+
+
+def test_a_group_without_a_launch_hook_puts_its_instances_in_service_and_a_later_hook_applies_from_the_next_launch() -> (
+    None
+):
+    """A separate AWS::AutoScaling::LifecycleHook is created after its group (CloudFormation orders by reference),
+    so the group's first instances launch without it: no Pending:Wait, and completing a launch action is refused
+    with Auto Scaling's "No active Lifecycle Action found" (CompleteLifecycleAction, Amazon EC2 Auto Scaling API
+    Reference). Hooks in LifecycleHookSpecificationList exist "before instances are launched" (CreateAutoScalingGroup)."""
+    p = FakeProvider()
+    m = LifecycleMachine([], p)
+    group = Group("cp-0", "control-plane", (("a", "subnet-1"),), 1, None, None, True)
+    (first,) = m.add_group(group)
+    assert first.state == IN_SERVICE and first.launch_result == ""
+    with pytest.raises(LifecycleRefusedError, match="No active Lifecycle Action"):
+        m.complete_action("cp-0", "launch", first.instance_id, "", "CONTINUE")
+    m.put_hook("cp-0", Hook("launch", 60, "ABANDON"), launching=True)
+    m.put_hook("cp-0", Hook("term", 60, "ABANDON"), launching=False)
+    assert first.state == IN_SERVICE, "a hook added later never pulls an instance back into a wait state"
+    m.terminate_in_group(first.instance_id)
+    assert first.state == TERMINATING_WAIT, "the terminate hook applies from the next transition on"
+    m.complete_action("cp-0", "term", first.instance_id, "", "CONTINUE")
+    m.tick()
+    second = m.get(p.launched[1])
+    assert second.state == PENDING_WAIT, "the replacement launches with the hook"
+    with pytest.raises(LifecycleRefusedError, match="AlreadyExists"):
+        m.add_group(group)
