@@ -51,7 +51,9 @@ def test_checkov_fails_nothing(synthesis: Synthesis) -> None:
     passed, skipped, failed = run_checkov(Path(synthesis.outdir))
     assert failed == []
     assert passed > 100
-    assert skipped < 40  # every skip carries its reason in the resource's metadata
+    # every skip carries its reason in the resource's metadata; 9 of them are CKV_AWS_115 (no reserved
+    # concurrency, stages/etcd_lifecycle.py) on the three Lambdas of each of the three cluster stacks
+    assert skipped < 50
 
 
 @pytest.fixture(scope="module")
