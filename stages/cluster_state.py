@@ -200,12 +200,12 @@ class ClusterState(Construct):
             ),
             encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
             encryption_key=self.key,
-            # Deletion protection stays on although it defeats RetainExceptOnCreate for this one table: a rolled-back
-            # create cannot delete it (DeleteTable is refused while protection is on), so before retrying the
-            # operator turns protection off and deletes the table. On a running cluster the table holds the
-            # "initialised" flag, whose loss would let a node run kubeadm init again (architecture.md invariant 2):
-            # that is worth the manual step.
-            deletion_protection=True,
+            # No DynamoDB deletion protection: it would defeat RetainExceptOnCreate for this one table (a rolled-back
+            # first create could not delete it, the stack would end ROLLBACK_FAILED and the retry fail with
+            # AlreadyExists). The running cluster's table is still kept: DeletionPolicy/UpdateReplacePolicy Retain
+            # survive every later stack delete and replacement, and DeleteTable is an administrator's action that no
+            # cluster role holds (README "First deploy": enable protection by hand once the cluster is up, if wanted).
+            deletion_protection=False,
             removal_policy=RETAINED,
         )
 

@@ -170,7 +170,7 @@ def test_state_is_encrypted_versioned_and_retained(cluster_template: Template) -
             "TableName": "dk8s-dedicated-k8s-cluster-state",
             "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
             "SSESpecification": Match.object_like({"SSEEnabled": True, "SSEType": "KMS"}),
-            "DeletionProtectionEnabled": True,
+            "DeletionProtectionEnabled": False,
         },
     )
     secrets = resources(cluster_template, "AWS::SecretsManager::Secret")

@@ -274,6 +274,10 @@ def test_every_retained_resource_is_retained_except_on_create(synth: Synth, over
             for logical_id, resource in resources(template, kind).items():
                 if name_property in resource.get("Properties", {}):
                     assert logical_id in kept, f"{stack} {logical_id}: a fixed-name {kind} must be retained"
+    for logical_id, table in resources(templates["K8sClusterStack"], "AWS::DynamoDB::Table").items():
+        # DeleteTable is refused while deletion protection is on: the rollback could not delete the table.
+        # https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/WorkingWithTables.Basics.html#WorkingWithTables.Basics.DeletionProtection
+        assert not table["Properties"].get("DeletionProtectionEnabled"), logical_id
     if "irsa" in overrides:
         assert any(k.startswith("IrsaBucket") for k in retained(templates["K8sClusterStack"]))
     if "retainNetworkOnDelete" in overrides:
