@@ -38,6 +38,7 @@ TS_FORMAT = "%Y%m%dT%H%M%SZ"
 # Kubernetes' documented value: larger than the writes any cluster makes between its last snapshot and a restore.
 RESTORE_REVISION_BUMP = 1_000_000_000
 
+
 class SnapshotError(AgentError):
     pass
 
