@@ -205,6 +205,10 @@ def auto_scaling_group(cloud: TemplateCloud, lid: str, props: dict[str, Any]) ->
             {"Key": t["Key"], "Value": t["Value"], "PropagateAtLaunch": bool(t.get("PropagateAtLaunch"))} for t in tags
         ],
     )
+    # The hooks of the specification list, so DescribeLifecycleHooks answers as AWS does (the reconciler reads it;
+    # moto's create_auto_scaling_group does not keep LifecycleHookSpecificationList).
+    for hook in hooks:
+        _put_hook(cloud, name, hook)
     cloud.groups[name] = spec
     cloud.receiver.group_created(spec)
     return _Made(name)
@@ -220,11 +224,7 @@ def _hook(h: dict[str, Any], form: str) -> HookSpec:
     )
 
 
-@creates("AWS::AutoScaling::LifecycleHook")
-def lifecycle_hook(cloud: TemplateCloud, lid: str, props: dict[str, Any]) -> _Made:
-    p = cloud.resolve(props)
-    hook = _hook({"LifecycleHookName": p.get("LifecycleHookName", f"twin-{lid}"), **p}, "resource")
-    group = p["AutoScalingGroupName"]
+def _put_hook(cloud: TemplateCloud, group: str, hook: HookSpec) -> None:
     cloud.client("autoscaling").put_lifecycle_hook(
         AutoScalingGroupName=group,
         LifecycleHookName=hook.name,
@@ -232,6 +232,14 @@ def lifecycle_hook(cloud: TemplateCloud, lid: str, props: dict[str, Any]) -> _Ma
         HeartbeatTimeout=hook.heartbeat_timeout,
         DefaultResult=hook.default_result,
     )
+
+
+@creates("AWS::AutoScaling::LifecycleHook")
+def lifecycle_hook(cloud: TemplateCloud, lid: str, props: dict[str, Any]) -> _Made:
+    p = cloud.resolve(props)
+    hook = _hook({"LifecycleHookName": p.get("LifecycleHookName", f"twin-{lid}"), **p}, "resource")
+    group = p["AutoScalingGroupName"]
+    _put_hook(cloud, group, hook)
     cloud.separate_hooks.append((group, hook))
     cloud.receiver.hook_created(group, hook)
     return _Made(hook.name)

@@ -156,6 +156,11 @@ def test_hooks_in_the_groups_specification_list_apply_from_the_first_instance(aw
     assert receiver.machine.get(first).state == PENDING_WAIT
     receiver.machine.complete_action("cp-0", "dk8s-launch", first, "", "CONTINUE")
     assert receiver.machine.get(first).state == IN_SERVICE
+    described = aws.client("autoscaling").describe_lifecycle_hooks(AutoScalingGroupName="cp-0")["LifecycleHooks"]
+    assert {(h["LifecycleHookName"], h["HeartbeatTimeout"]) for h in described} == {
+        ("dk8s-launch", 900),
+        ("dk8s-terminate", 300),
+    }, "DescribeLifecycleHooks (the reconciler reads it) shows the specification list's hooks"
     spec = cloud.groups["cp-0"]
     assert (spec.min_size, spec.max_size, spec.desired) == (1, 2, 1)
     assert spec.agent_config["vpcCidr"] == "127.90.0.0/16", "the one address translation"
