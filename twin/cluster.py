@@ -335,18 +335,25 @@ class Twin:
             try:
                 self.machine.tick()
                 if self.load_balancer is not None:
-                    self.load_balancer.check(self._api_server_answers)
+                    # Answers taken before the check: the check holds the NLB's lock, and a probe that took the
+                    # machine's lock inside it deadlocked against a transition deregistering under the machine's.
+                    answers = self._api_servers_answering()
+                    self.load_balancer.check(lambda ip: ip in answers)
             except Exception as err:
                 self._on_event("tick-error", error=f"{type(err).__name__}: {err}")
 
-    def _api_server_answers(self, ip: str) -> bool:
-        """The NLB's TCP health check of port 6443: the target's process is alive and its kubeadm emulator runs
-        the control-plane static pods (the simulated API server listens)."""
-        inst = next((i for i in self.machine.snapshot() if i.ip == ip and i.state != TERMINATED), None)
-        proc = self.procs.get(inst.instance_id) if inst else None
-        if inst is None or proc is None or proc.popen.poll() is not None:
-            return False
-        return any(k.startswith(f"{STATIC_PODS}{inst.instance_id}") for k in self.api.objects)
+    def _api_servers_answering(self) -> set[str]:
+        """The addresses that pass the NLB's TCP health check of port 6443: the instance's process is alive and
+        its kubeadm emulator runs the control-plane static pods (the simulated API server listens)."""
+        pods = [k for k in self.api.objects if k.startswith(STATIC_PODS)]
+        out = set()
+        for inst in self.machine.snapshot():
+            proc = self.procs.get(inst.instance_id)
+            if inst.state == TERMINATED or proc is None or proc.popen.poll() is not None:
+                continue
+            if any(k.startswith(f"{STATIC_PODS}{inst.instance_id}") for k in pods):
+                out.add(inst.ip)
+        return out
 
     # -- the lifecycle backend the proxy calls (Auto Scaling API) -------------------------------------------
     def complete_action(self, group: str, hook: str, instance_id: str, token: str, result: str) -> None:
