@@ -338,7 +338,7 @@ class Twin:
                     # Answers taken before the check: the check holds the NLB's lock, and a probe that took the
                     # machine's lock inside it deadlocked against a transition deregistering under the machine's.
                     answers = self._api_servers_answering()
-                    self.load_balancer.check(lambda ip: ip in answers)
+                    self.load_balancer.check(answers.__contains__)
             except Exception as err:
                 self._on_event("tick-error", error=f"{type(err).__name__}: {err}")
 
