@@ -8,13 +8,13 @@ service is the signing name of the SigV4 credential scope.
 
 Actions and resource ARNs follow the Service Authorization Reference ("Actions, resources, and condition keys
 for <service>", https://docs.aws.amazon.com/service-authorization/latest/reference/): e.g. a DynamoDB item
-call is authorised on ``arn:aws:dynamodb:<region>:<account>:table/<name>``; S3 ``ListObjectsV2`` is
+call is authorised on ``arn:<partition>:dynamodb:<region>:<account>:table/<name>``; S3 ``ListObjectsV2`` is
 ``s3:ListBucket`` on the bucket and ``HeadObject`` is ``s3:GetObject`` on the object; an SQS call is on
-``arn:aws:sqs:<region>:<account>:<queue>``; a Secrets Manager call is on the secret's full ARN (with its random
+``arn:<partition>:sqs:<region>:<account>:<queue>``; a Secrets Manager call is on the secret's full ARN (with its random
 suffix, looked up in moto); a KMS call on the key's ARN with the key's tags as ``aws:ResourceTag/...``; an Auto
 Scaling group call on the group ARN (``autoScalingGroup:<uuid>:autoScalingGroupName/<name>``) with the group's
 tags as ``autoscaling:ResourceTag/...`` and ``aws:ResourceTag/...``; an EC2 instance call on
-``arn:aws:ec2:<region>:<account>:instance/<id>`` with ``ec2:ResourceTag/...``; Lambda ``Invoke`` is
+``arn:<partition>:ec2:<region>:<account>:instance/<id>`` with ``ec2:ResourceTag/...``; Lambda ``Invoke`` is
 ``lambda:InvokeFunction`` on the function ARN. Describe/List calls without resource-level permissions are on
 ``*``. An operation this module does not know raises :class:`UnknownCallError` (the proxy denies it: a call
 whose permission the twin cannot name must not pass unchecked).

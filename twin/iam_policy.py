@@ -6,7 +6,7 @@ plus every ``AWS::IAM::Policy`` / ``AWS::IAM::ManagedPolicy`` whose ``Roles`` na
 role's logical id or its literal RoleName), plus ``ManagedPolicyArns`` that ``Ref`` a ManagedPolicy of the same
 template. Intrinsics in the documents are resolved by the caller's resolver (:class:`IntrinsicResolver` does
 Ref, Fn::GetAtt, Fn::Sub, Fn::Join and the pseudo parameters from callables the caller passes). An AWS-managed
-policy ARN (``arn:aws:iam::aws:policy/...``) cannot be read from a template: it is reported in
+policy ARN (``arn:<partition>:iam::aws:policy/...``) cannot be read from a template: it is reported in
 :attr:`PrincipalPolicies.unreadable` and grants nothing here (kinder would be to guess what it grants).
 
 Deciding (:func:`is_allowed`), as "Policy evaluation logic" in the IAM User Guide

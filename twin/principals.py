@@ -64,9 +64,9 @@ class Principal:
         """The caller as AWS names it in an AccessDenied message (an assumed-role session)."""
         if not self.role_arn:
             return self.name
-        account = self.role_arn.split(":")[4]
+        partition, account = self.role_arn.split(":")[1], self.role_arn.split(":")[4]
         role = self.role_arn.rsplit("/", 1)[-1]
-        return f"arn:aws:sts::{account}:assumed-role/{role}/{self.session or self.name}"
+        return f"arn:{partition}:sts::{account}:assumed-role/{role}/{self.session or self.name}"
 
     def credentials(self) -> dict[str, str]:
         return {"aws_access_key_id": self.access_key, "aws_secret_access_key": secret_key_for(self.name)}
