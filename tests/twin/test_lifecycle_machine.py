@@ -159,13 +159,12 @@ def test_a_second_completion_after_termination_is_refused() -> None:
         m.terminate_in_group(inst.instance_id)
 
 
-def test_a_group_without_a_launch_hook_puts_its_instances_in_service_and_a_later_hook_applies_from_the_next_launch() -> (
-    None
-):
+def test_a_group_without_a_launch_hook_goes_in_service_and_a_later_hook_applies_from_the_next_transition() -> None:
     """A separate AWS::AutoScaling::LifecycleHook is created after its group (CloudFormation orders by reference),
     so the group's first instances launch without it: no Pending:Wait, and completing a launch action is refused
-    with Auto Scaling's "No active Lifecycle Action found" (CompleteLifecycleAction, Amazon EC2 Auto Scaling API
-    Reference). Hooks in LifecycleHookSpecificationList exist "before instances are launched" (CreateAutoScalingGroup)."""
+    with Auto Scaling's "No active Lifecycle Action found" (CompleteLifecycleAction, Amazon EC2 Auto Scaling
+    API Reference). Hooks in LifecycleHookSpecificationList exist "before instances are launched"
+    (CreateAutoScalingGroup)."""
     p = FakeProvider()
     m = LifecycleMachine([], p)
     group = Group("cp-0", "control-plane", (("a", "subnet-1"),), 1, None, None, True)
