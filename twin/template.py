@@ -8,11 +8,12 @@ creates ... resources in the order determined by their dependencies", AWS CloudF
 "DependsOn attribute"; references are implicit dependencies). Among independent resources the twin takes
 the template's order, one at a time (CloudFormation creates those in parallel: no order is promised).
 
-Why a reader and not moto's own CloudFormation: moto 5.2's ``create_stack`` has no model for
-``AWS::AutoScaling::AutoScalingGroup``'s ``LifecycleHookSpecificationList`` / ``InstanceLifecyclePolicy``,
-``AWS::Lambda::EventSourceMapping``'s ``ScalingConfig``, ``AWS::EC2::VPCEndpoint`` policies or the SSM-typed
-AMI parameter, and it launches group instances itself (no lifecycle hooks). Checked against moto's
-``moto/cloudformation/parsing.py`` resource map; partial coverage would silently drop what the twin must model.
+Why a reader and not moto's own CloudFormation (checked in moto 5.2's source): its
+``AWS::AutoScaling::AutoScalingGroup`` knows neither ``LifecycleHookSpecificationList`` nor
+``InstanceLifecyclePolicy`` (moto/autoscaling has no trace of either), it has no ``AWS::AutoScaling::LifecycleHook``
+nor ``AWS::SecretsManager::Secret`` resource type, and its groups launch their instances themselves, without
+lifecycle hooks. (Its ESM keeps ScalingConfig, and it reads SSM-typed parameters.) Partial coverage would drop
+silently what the twin must model; a reader that refuses what it does not know fails loudly instead.
 
 Creation order matters for hooks: an ``AWS::AutoScaling::AutoScalingGroup`` is created (and launches its
 desired capacity) before a separate ``AWS::AutoScaling::LifecycleHook`` that refers to it exists, so that
