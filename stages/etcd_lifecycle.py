@@ -43,7 +43,10 @@ RETRY_DELAY_SECONDS = 30
 # The terminate hook can be kept alive by heartbeats for up to 100 heartbeat timeouts or 48 hours;
 # past this deadline the Lambda abandons (the group retains the instance) and an alarm fires.
 REMOVAL_DEADLINE_SECONDS = 3600
-RECONCILE_EVERY = cdk.Duration.minutes(5)
+# Every minute: a lost terminate event is repaired by the reconciler, which must get there (twice, with the retry
+# and the Lambda's own time) before the control-plane terminate hook's 300 s timeout, or the hook's default ABANDON
+# retains a node whose member was never removed (tests/stacks/test_launch_timeouts.py). Found by the twin.
+RECONCILE_EVERY = cdk.Duration.minutes(1)
 # Past this the drain is skipped (logged, DrainDeadlinePassed metric): a dead API server must not block
 # scale-in or the etcd removal. Shorter than the removal deadline, so the removal still has its time.
 DRAIN_DEADLINE_SECONDS = 600

@@ -4,7 +4,7 @@ Where each signal comes from:
 
 * AWS metrics: Auto Scaling group in-service counts, the API NLB's unhealthy targets, Lambda errors and
   duration, the lifecycle dead-letter queue, DynamoDB throttles.
-* The reconciler (every 5 min): etcd members, healthy voters, quorum margin, retained instances.
+* The reconciler (every minute): etcd members, healthy voters, quorum margin, retained instances.
 * The node agent, as embedded-metric-format lines through the CloudWatch agent (node_agent/telemetry.py):
   snapshots uploaded (the leader's snapshot timer) and certificate expiry (the certificate timer).
 """

@@ -219,7 +219,7 @@ def test_terminate_events_reach_the_lifecycle_lambda_through_a_queue_with_a_dlq(
             },
         },
     )
-    cluster_template.has_resource_properties("AWS::Events::Rule", {"ScheduleExpression": "rate(5 minutes)"})
+    cluster_template.has_resource_properties("AWS::Events::Rule", {"ScheduleExpression": "rate(1 minute)"})
 
 
 def test_worker_terminate_hooks_reach_the_lifecycle_queue_and_the_lambda_can_drain(cluster_template: Template) -> None:

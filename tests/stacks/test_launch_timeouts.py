@@ -16,6 +16,7 @@ AWS::AutoScaling::LifecycleHook resources; both forms are read.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from aws_cdk.assertions import Template
 from node_agent.config import AgentSettings
 
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 DEFAULT_HEARTBEAT_TIMEOUT = 3600
 GLOBAL_TIMEOUT_CAP = 172800
 
@@ -35,18 +37,23 @@ def _group_ref(value: Any) -> str | None:
 
 def launch_hook_timeouts(template: Mapping[str, Any]) -> dict[str, list[int]]:
     """Each Auto Scaling group's launch hooks' HeartbeatTimeout, from both forms of hook."""
+    return hook_timeouts(template, LAUNCHING)
+
+
+def hook_timeouts(template: Mapping[str, Any], transition: str) -> dict[str, list[int]]:
+    """Each Auto Scaling group's ``transition`` hooks' HeartbeatTimeout, from both forms of hook."""
     resources = template["Resources"]
     groups = {lid: r for lid, r in resources.items() if r["Type"] == "AWS::AutoScaling::AutoScalingGroup"}
     found: dict[str, list[int]] = {lid: [] for lid in groups}
     for lid, group in groups.items():
         for spec in group.get("Properties", {}).get("LifecycleHookSpecificationList", []):
-            if spec["LifecycleTransition"] == LAUNCHING:
+            if spec["LifecycleTransition"] == transition:
                 found[lid].append(int(spec.get("HeartbeatTimeout", DEFAULT_HEARTBEAT_TIMEOUT)))
     for lid, resource in resources.items():
         if resource["Type"] != "AWS::AutoScaling::LifecycleHook":
             continue
         props = resource["Properties"]
-        if props["LifecycleTransition"] != LAUNCHING:
+        if props["LifecycleTransition"] != transition:
             continue
         group = _group_ref(props["AutoScalingGroupName"])
         assert group in found, f"launch hook {lid} names no group of this template: {props['AutoScalingGroupName']}"
@@ -87,3 +94,56 @@ def test_both_forms_of_launch_hook_are_read() -> None:
         }
     }  # fmt: skip
     assert launch_hook_timeouts(template) == {"Inline": [600], "Separate": [DEFAULT_HEARTBEAT_TIMEOUT]}
+
+
+def _rate_seconds(expression: str) -> int:
+    """EventBridge ``rate(value unit)`` in seconds (minute(s), hour(s), day(s): EventBridge "Schedule expressions")."""
+    match = re.fullmatch(r"rate\((\d+) (minute|minutes|hour|hours|day|days)\)", expression)
+    assert match, f"not a rate expression: {expression}"
+    unit = {"minute": 60, "hour": 3600, "day": 86400}[match.group(2).rstrip("s")]
+    return int(match.group(1)) * unit
+
+
+def test_a_lost_terminate_event_is_repaired_before_the_control_plane_terminate_hook_times_out(
+    cluster_template: Template,
+) -> None:
+    """EventBridge delivers events at least once but not always (a lost or failed delivery ends in no message):
+    the reconciler is the repair (architecture.md invariant 6). It finds an instance in Terminating:Wait whose event
+    never arrived and enqueues the removal; the lifecycle Lambda then removes the member and completes CONTINUE.
+    That must happen before the terminate hook's HeartbeatTimeout, or the hook takes its default result (ABANDON)
+    and the group retains a node whose member was never removed ("If the heartbeat timeout elapses, the instance
+    ... takes the default action", Amazon EC2 Auto Scaling User Guide, "Amazon EC2 Auto Scaling lifecycle hooks").
+
+    The order, read from the template: two reconciler periods (the event is lost just after one run; one more run
+    may find the cluster mid-change) + the retry delay + the Lambda's timeout < the control-plane terminate hook's
+    HeartbeatTimeout. The template-driven twin found this: with the reconciler every 5 minutes and a 300 s hook, a
+    lost event ended with the instance retained."""
+    template = cluster_template.to_json()
+    resources = template["Resources"]
+    schedules = [
+        r["Properties"]["ScheduleExpression"]
+        for r in resources.values()
+        if r["Type"] == "AWS::Events::Rule" and "ScheduleExpression" in r.get("Properties", {})
+    ]
+    (reconcile,) = [_rate_seconds(e) for e in schedules if e.startswith("rate(")]
+    # The lifecycle Lambda is the function the queue's event source mapping invokes.
+    mappings = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
+    assert len(mappings) == 1, "exactly one queue-driven function (the lifecycle Lambda)"
+    lifecycle = [resources[mappings[0]["FunctionName"]["Ref"]]["Properties"]]
+    timeout = int(lifecycle[0]["Timeout"])
+    retry = int(lifecycle[0]["Environment"]["Variables"]["RETRY_DELAY_SECONDS"])
+    control_planes = {
+        lid
+        for lid, r in resources.items()
+        if r["Type"] == "AWS::AutoScaling::AutoScalingGroup"
+        and any(t.get("Value") == "control-plane" for t in r["Properties"].get("Tags", []))
+    }
+    assert len(control_planes) >= 3, control_planes
+    for group, timeouts in hook_timeouts(template, TERMINATING).items():
+        if group not in control_planes:
+            continue
+        (hook,) = timeouts
+        assert 2 * reconcile + retry + timeout < hook, (
+            f"{group}: terminate hook HeartbeatTimeout {hook} s <= 2 x reconcile {reconcile} s + retry {retry} s + "
+            f"Lambda timeout {timeout} s: a lost event is not repaired before the hook times out"
+        )
