@@ -24,7 +24,8 @@ def build_app(app: cdk.App) -> cdk.App:
     from stages.image_stack import ImageStack
     from stages.nag import apply_policy_checks
 
-    config = ClusterConfig.from_context(app.node.try_get_context)
+    # Every key given is checked: a misspelt key is an error, never silently the default.
+    config = ClusterConfig.from_context(app.node.try_get_context, given_keys=app.node.get_all_context())
     settings = PipelineSettings.from_context(app.node.try_get_context)
     iam, _ = add_cluster_stacks(app, config)
     # The AMI bake (`cdk deploy ImageStack`, then scripts/build-k8s-ami-imagebuilder.sh) uses IamStack's

@@ -8,7 +8,9 @@ import aws_cdk as cdk
 from constructs import Construct
 
 from stages.cluster_state import ClusterState
-from stages.config import ClusterConfig
+
+# The pod and service ranges live with the configuration, whose validation keeps the VPC clear of them.
+from stages.config import POD_CIDR, SERVICE_CIDR, ClusterConfig
 from stages.control_plane import ControlPlane
 from stages.etcd_lifecycle import EtcdLifecycle
 from stages.irsa import ServiceAccountIssuer
@@ -17,9 +19,6 @@ from stages.observability import AlarmTopic, ClusterObservability, NodeLogGroups
 from stages.security import ClusterSecurityGroups
 from stages.termination_handler import TerminationHandlerQueue
 from stages.workers import Workers
-
-POD_CIDR = "192.168.0.0/16"
-SERVICE_CIDR = "10.96.0.0/12"
 
 
 class K8sClusterStack(cdk.Stack):

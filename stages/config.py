@@ -10,10 +10,11 @@ key, the value and what is allowed, so an operator fixes everything in one round
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ CONTEXT_KEYS = (
     "privateRouteTableIds",
     "availabilityZones",
     "apiAccessCidrs",
+    "allowPublicApiAccessCidrs",
     "snapshotIntervalMinutes",
     "snapshotRetentionDays",
     "alarmEmails",
@@ -51,8 +53,47 @@ CONTEXT_KEYS = (
     "apiLoadBalancerDeletionProtection",
 )
 
-# Context keys that belong to someone else: CDK's feature flags and the pipeline's own settings.
-NOT_CLUSTER_KEY_PREFIXES = ("@aws-cdk", "aws-cdk", "cdk", "pipeline", "staging", "production", "codeArtifact")
+# The pipeline's own context keys: pipeline/config.py (PipelineSettings) reads and validates them, so they are
+# not unknown here (tests/stacks/test_config_refusals.py records every key PipelineSettings reads against this).
+PIPELINE_CONTEXT_KEYS = (
+    "pipelineSource",
+    "pipelineConnectionArn",
+    "pipelineRepository",
+    "pipelineBranch",
+    "pipelineCodeCommitRepository",
+    "pipelineS3Bucket",
+    "pipelineS3Key",
+    "pipelineAccount",
+    "pipelineRegion",
+    "pipelineNotificationEmails",
+    "stagingAccount",
+    "stagingRegion",
+    "stagingOverrides",
+    "stagingClusterName",
+    "productionAccount",
+    "productionRegion",
+    "productionOverrides",
+    "productionClusterName",
+    "codeArtifactDomain",
+    "codeArtifactRepository",
+    "codeArtifactOwner",
+    "imageBuildVpcId",
+    "imageBuildSubnetId",
+)
+# Our keys (and the pipeline's) are lowerCamelCase words. Every key CDK itself puts in the context has a character
+# no key of ours has: feature flags '@aws-cdk/...', the CLI's switches 'aws:cdk:...', the lookup cache of
+# cdk.context.json 'availability-zones:account=...:region=...', 'acknowledged-issue-numbers' (cdk acknowledge).
+_OUR_KEY_SHAPE = re.compile(r"^[a-z][A-Za-z0-9]*$")
+
+# kubeadm's podSubnet (Calico's IP pool) and serviceSubnet (kubeadm's default): the VPC must not overlap either,
+# or a node cannot tell a pod or service address from a VPC address (the agent config carries both).
+POD_CIDR = "192.168.0.0/16"
+SERVICE_CIDR = "10.96.0.0/12"
+# The ranges that are private to a network: RFC 1918 and RFC 6598's shared address space (carrier-grade NAT,
+# often a corporate or VPN range). Python's is_private is wider (it includes documentation and benchmark ranges).
+PRIVATE_RANGES = tuple(
+    ipaddress.IPv4Network(cidr) for cidr in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+)
 
 TENANCIES = ("dedicated", "default")
 # "create": this stack creates the VPC endpoints; "existing": an imported VPC already has them (a blue/green
@@ -114,6 +155,26 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("Invalid dedicated-k8s configuration (cdk.json context):\n  - " + "\n  - ".join(problems))
+
+
+def _spelling(key: str) -> str:
+    """A key without case or separators: 'vpc-cidr', 'VPC_CIDR' and 'vpcCidr' are one spelling."""
+    return re.sub(r"[^a-z0-9]", "", key.lower())
+
+
+def _unknown_key_hint(key: str) -> str:
+    """What to say about a context key nothing reads: the nearest known key (a misspelling), else all of them."""
+    known = CONTEXT_KEYS + PIPELINE_CONTEXT_KEYS
+    same = [k for k in known if _spelling(k) == _spelling(key)]
+    nearest = same or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if nearest:
+        return f"is not a known key; did you mean '{nearest[0]}'?"
+    return f"is not a known key; known keys: {', '.join(CONTEXT_KEYS)}"
+
+
+def private_range_of(network: ipaddress.IPv4Network) -> ipaddress.IPv4Network | None:
+    """The private range (RFC 1918 or RFC 6598) that holds all of ``network``, if one does."""
+    return next((r for r in PRIVATE_RANGES if network.subnet_of(r)), None)
 
 
 def default_kubernetes_version() -> str:
@@ -309,9 +370,10 @@ class ClusterConfig:
         return self.availability_zones[index % len(self.availability_zones)]
 
     @classmethod
-    def from_context(cls, get: Callable[[str], Any]) -> ClusterConfig:
-        """Build and validate from a context getter (``app.node.try_get_context``)."""
-        return _Parser(get).parse()
+    def from_context(cls, get: Callable[[str], Any], given_keys: Iterable[str] | None = None) -> ClusterConfig:
+        """Build and validate from a context getter (``app.node.try_get_context``). With ``given_keys`` (the app's
+        ``app.node.get_all_context()``) a key that looks like ours but that nothing reads is an error too."""
+        return _Parser(get, given_keys=list(given_keys or ())).parse()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ClusterConfig:
@@ -470,20 +532,27 @@ class _Parser:
                 list(zones),
                 "must name at least 3 distinct availability zones: one control-plane node per AZ",
             )
+        zone_name = re.compile(rf"^{re.escape(region)}[a-z]$")
         for zone in zones:
-            if not zone.startswith(region):
-                self.bad("availabilityZones", zone, f"must be an availability zone of region '{region}'")
+            if not zone_name.match(zone):
+                self.bad(
+                    "availabilityZones",
+                    zone,
+                    f"must be an availability zone of region '{region}': the region's name and one letter "
+                    f"such as '{region}a'",
+                )
+        for zone in sorted({z for z in zones if zones.count(z) > 1}):
+            self.bad(
+                "availabilityZones",
+                zone,
+                f"is listed {zones.count(zone)} times: each zone gets one subnet (under the API load balancer "
+                "and every VPC endpoint), so name each zone once",
+            )
 
         vpc = self._vpc(zones)
         worker_groups = self._worker_groups(tenancy)
 
-        api_cidrs = self.string_list("apiAccessCidrs", ())
-        for value in api_cidrs:
-            network = self.cidr("apiAccessCidrs", value)
-            if network is not None and network.prefixlen == 0:
-                self.bad(
-                    "apiAccessCidrs", value, "the API server is internal; open it to named networks, never 0.0.0.0/0"
-                )
+        api_cidrs = self._api_access_cidrs()
 
         interval = self.integer("snapshotIntervalMinutes", 30, 5, 1440)
         retention = self.integer("snapshotRetentionDays", 14, 1, 3650)
@@ -502,7 +571,7 @@ class _Parser:
             audit_retention = 365
 
         for key in self._unknown_keys():
-            self.bad(key, self._get(key), f"is not a known key; known keys: {', '.join(CONTEXT_KEYS)}")
+            self.bad(key, self._get(key), _unknown_key_hint(key))
 
         if self.problems:
             raise ConfigError(self.problems)
@@ -531,9 +600,56 @@ class _Parser:
         )
 
     def _unknown_keys(self) -> list[str]:
-        # CDK's context also carries its own feature flags (``@aws-cdk/...``); those are not ours, and
-        # neither are the pipeline's settings (pipeline/config.py validates those).
-        return [k for k in self._given_keys if not k.startswith(NOT_CLUSTER_KEY_PREFIXES) and k not in CONTEXT_KEYS]
+        # CDK's context also carries its own keys (feature flags, CLI switches, the lookup cache); those are not
+        # ours, unless one is ours in another spelling ('vpc-cidr'), and the pipeline's keys are PipelineSettings'.
+        known = CONTEXT_KEYS + PIPELINE_CONTEXT_KEYS
+        spellings = {_spelling(k) for k in known}
+        return [
+            k for k in self._given_keys if k not in known and (_OUR_KEY_SHAPE.match(k) or _spelling(k) in spellings)
+        ]
+
+    def _api_access_cidrs(self) -> tuple[str, ...]:
+        """The networks that may reach the API server on 6443: private ranges only, unless the operator opts in
+        to public ones with ``allowPublicApiAccessCidrs``; never all of IPv4, in one range or in several."""
+        api_cidrs = self.string_list("apiAccessCidrs", ())
+        allow_public = self.boolean("allowPublicApiAccessCidrs", False)
+        networks = [n for n in (self.cidr("apiAccessCidrs", value) for value in api_cidrs) if n is not None]
+        for network in networks:
+            if network.prefixlen == 0:
+                self.bad(
+                    "apiAccessCidrs",
+                    str(network),
+                    "the API server is internal; open it to named networks, never 0.0.0.0/0",
+                )
+            elif private_range_of(network) is None and not allow_public:
+                self.bad(
+                    "apiAccessCidrs",
+                    str(network),
+                    "is not a private range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10); "
+                    "to open the API server to a public network, set allowPublicApiAccessCidrs=true",
+                )
+        everything = ipaddress.IPv4Network("0.0.0.0/0")
+        if all(n.prefixlen > 0 for n in networks) and everything in ipaddress.collapse_addresses(networks):
+            self.bad(
+                "apiAccessCidrs",
+                list(api_cidrs),
+                "together these ranges are all of IPv4 (0.0.0.0/0); open the API server to named networks",
+            )
+        return api_cidrs
+
+    def vpc_cidr_conflicts(self, cidr: str, network: ipaddress.IPv4Network) -> None:
+        """Refuse a VPC range that overlaps the cluster's pod or service range, naming both."""
+        for name, other in (
+            ("pod CIDR (kubeadm podSubnet)", POD_CIDR),
+            ("service CIDR (kubeadm serviceSubnet)", SERVICE_CIDR),
+        ):
+            if network.overlaps(ipaddress.IPv4Network(other)):
+                self.bad(
+                    "vpcCidr",
+                    cidr,
+                    f"overlaps the cluster's {name} {other}: a node could not tell a VPC address from a pod or "
+                    "service address; choose a range outside it",
+                )
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key)
@@ -578,6 +694,8 @@ class _Parser:
                     self.bad("vpcCidr", cidr, "must be between /16 and /22 so each AZ gets a usable private subnet")
                 if network is not None and not network.is_private:
                     self.bad("vpcCidr", cidr, "must be a private (RFC 1918) range")
+                if network is not None:
+                    self.vpc_cidr_conflicts(cidr, network)
             return VpcConfig(
                 cidr=cidr,
                 vpc_id=None,
@@ -591,7 +709,9 @@ class _Parser:
         if cidr is None:
             self.bad("vpcCidr", None, "is required with 'vpcId': the security groups admit the cluster's own network")
         else:
-            self.cidr("vpcCidr", cidr)
+            network = self.cidr("vpcCidr", cidr)
+            if network is not None:
+                self.vpc_cidr_conflicts(cidr, network)
         if len(subnets) != len(zones) or len(subnets) < 3:
             self.bad(
                 "privateSubnetIds",
