@@ -644,7 +644,10 @@ class Agent:
         self._load_lambda_client_tls()
         etcdctl = Etcdctl(self.runner, self.lambda_client_tls, self.client_url)
         snapshots = Snapshots(self.config, self.settings, self.s3, etcdctl)
-        path, obj, status = snapshots.download_latest_good(self.settings.state_dir / "restore")
+        # Only this cluster's history: a snapshot claiming a later generation than the item's is someone else's.
+        path, obj, status = snapshots.download_latest_good(
+            self.settings.state_dir / "restore", max_generation=state.generation
+        )
         renewer.check()
         etcdctl.snapshot_restore(path, self.settings.etcd_data_dir, self.node_name, self.peer_url,
                                  cluster_token=f"{self.config.cluster_name}-g{generation}")  # fmt: skip

@@ -1,7 +1,22 @@
-"""Snapshot keys sort by time, retention keeps the newest N whatever their age, restore skips bad files."""
+"""Snapshot keys, retention keeping the newest N, and DR choosing only a known-good snapshot of this cluster.
+
+The restore tests use real etcd 3.5.30 snapshots (``etcdctl snapshot save`` of a live etcd) that they damage, on
+moto S3. What they model of etcd: ``etcdctl snapshot save`` appends a SHA-256 of the database to the file and
+``etcdutl snapshot restore`` refuses a file whose hash does not match or is missing unless ``--skip-hash-check``
+(etcd op-guide "Disaster recovery": "The integrity hash is checked when restoring"; etcd
+``server/storage/backend``/``etcdutl/snapshot/v3_snapshot.go`` ``saveDB``), while ``etcdutl snapshot status``
+reads a small damaged database without complaint (issue 15, measured).
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,7 +25,7 @@ import pytest
 
 from node_agent.config import AgentConfig
 from node_agent.etcd import EtcdTls
-from node_agent.runner import CommandResult
+from node_agent.runner import CommandResult, SubprocessRunner
 from node_agent.snapshots import Etcdctl, SnapshotError, SnapshotObject, Snapshots, snapshot_key
 from tests.agent.conftest import config_values
 from tests.agent.harness import fast_settings
@@ -75,6 +90,7 @@ def test_the_leader_saves_verifies_and_uploads_with_sse_kms(aws: dict[str, Any],
     assert head["Metadata"] == {
         "cluster": "demo", "generation": "1", "revision": "99", "hash": "1234", "total-key": "12",
         "member": "i-0abc.eu-west-1.compute.internal",
+        "sha256": hashlib.sha256(b"etcd-db").hexdigest(), "taken-at": "20261125T120000Z",
     }  # fmt: skip
     tls = ["--cacert", "/pki/etcd/ca.crt", "--cert", "/pki/c.crt", "--key", "/pki/c.key"]
     save = next(c for c in runner.calls if "save" in c)
@@ -110,20 +126,184 @@ def test_retention_deletes_old_snapshots_but_always_keeps_the_newest_three(aws: 
     assert aws["s3"].head_object(Bucket=snaps.cfg.snapshot_bucket, Key=other), "another cluster's objects untouched"
 
 
-def test_restore_takes_the_newest_snapshot_that_verifies(aws: dict[str, Any], tmp_path: Path) -> None:
-    runner = ScriptedEtcdctl(bad_files=("T120000Z",))
-    snaps = _snapshots(aws, tmp_path, runner)
-    good = snapshot_key("demo", 1, NOW - timedelta(hours=1), 90)
-    bad = snapshot_key("demo", 1, NOW, 99)
-    for key in (good, bad):
-        aws["s3"].put_object(Bucket=snaps.cfg.snapshot_bucket, Key=key, Body=b"db", Metadata={"hash": "1234"})
-    path, obj, status = snaps.download_latest_good(tmp_path / "restore")
-    assert obj.key == good and path.read_bytes() == b"db" and status.revision == 99
+class RealEtcdutl:
+    """Real etcdutl (status, restore) through the agent's SubprocessRunner; ``snapshot save`` hands over the real
+    snapshot the fixture took, as etcdctl would write it."""
+
+    def __init__(self, snapshot: bytes) -> None:
+        self.snapshot = snapshot
+        self.real = SubprocessRunner()
+        self.restores: list[list[str]] = []
+
+    def run(self, argv: Any, *, env: Any = None, timeout: Any = None) -> CommandResult:
+        argv = list(argv)
+        if argv[0] == "etcdctl" and argv[-2] == "save":
+            Path(argv[-1]).write_bytes(self.snapshot)
+            return CommandResult(tuple(argv), 0)
+        assert argv[0] == "etcdutl", argv
+        if "restore" in argv:
+            self.restores.append(argv)
+        return self.real.run(argv, env=env, timeout=timeout)
 
 
-def test_restore_rejects_a_hash_mismatch_and_fails_when_nothing_verifies(aws: dict[str, Any], tmp_path: Path) -> None:
-    snaps = _snapshots(aws, tmp_path, ScriptedEtcdctl())
-    key = snapshot_key("demo", 1, NOW, 99)
-    aws["s3"].put_object(Bucket=snaps.cfg.snapshot_bucket, Key=key, Body=b"db", Metadata={"hash": "999"})
-    with pytest.raises(SnapshotError, match="no good snapshot"):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def real_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bytes]:
+    """A snapshot of a live single-member etcd holding 50 keys."""
+    if shutil.which("etcd") is None or shutil.which("etcdutl") is None:
+        pytest.skip("etcd 3.5 not installed (make setup)")
+    work = tmp_path_factory.mktemp("etcd")
+    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        ["etcd", "--data-dir", str(work / "data"), "--listen-client-urls", client, "--advertise-client-urls", client,
+         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        ctl = ["etcdctl", "--endpoints", client]
+        deadline = time.monotonic() + 30
+        while subprocess.run([*ctl, "endpoint", "health"], check=False, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "etcd did not start"
+            time.sleep(0.2)
+        for i in range(50):
+            subprocess.run([*ctl, "put", f"/registry/k{i:03d}", f"value-{i}"], check=True, capture_output=True)
+        subprocess.run([*ctl, "snapshot", "save", str(work / "snap.db")], check=True, capture_output=True)
+        yield (work / "snap.db").read_bytes()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _uploader(aws: dict[str, Any], tmp_path: Path, snapshot: bytes, at: datetime, **cfg: Any) -> Snapshots:
+    snaps = _snapshots(aws, tmp_path, RealEtcdutl(snapshot), **cfg)  # type: ignore[arg-type]
+    snaps.now = lambda: at
+    return snaps
+
+
+def _flip_byte(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+def _overwrite_body(aws: dict[str, Any], bucket: str, key: str, body: bytes) -> None:
+    """Damage at rest: the same metadata (so the same recorded checksum) over different bytes."""
+    head = aws["s3"].head_object(Bucket=bucket, Key=key)
+    aws["s3"].put_object(Bucket=bucket, Key=key, Body=body, Metadata=head["Metadata"])
+
+
+def test_the_upload_records_an_end_to_end_sha256_and_asks_s3_for_its_own(
+    aws: dict[str, Any], tmp_path: Path, real_snapshot: bytes
+) -> None:
+    """S3 additional checksums (user guide "Checking object integrity in Amazon S3"): ChecksumAlgorithm=SHA256 on
+    the upload stores the object's SHA-256, returned by GetObject/HeadObject with ChecksumMode=ENABLED."""
+    snaps = _uploader(aws, tmp_path, real_snapshot, NOW)
+    obj = snaps.take(generation=1, member_name="m")
+    head = aws["s3"].head_object(Bucket=snaps.cfg.snapshot_bucket, Key=obj.key, ChecksumMode="ENABLED")
+    digest = hashlib.sha256(real_snapshot).digest()
+    assert head["Metadata"]["sha256"] == digest.hex()
+    assert head["Metadata"]["taken-at"] == "20261125T120000Z"
+    assert head["ChecksumSHA256"] == base64.b64encode(digest).decode()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda b: b[: len(b) - 40], id="truncated"),
+        pytest.param(lambda b: _flip_byte(b, len(b) // 2), id="byte flipped"),
+    ],
+)
+def test_a_snapshot_damaged_at_rest_is_refused_and_the_next_newest_good_one_restored(
+    aws: dict[str, Any], tmp_path: Path, real_snapshot: bytes, damage: Callable[[bytes], bytes]
+) -> None:
+    good = _uploader(aws, tmp_path, real_snapshot, NOW - timedelta(hours=1)).take(1, "m")
+    time.sleep(1.1)  # LastModified has one-second resolution
+    newest = _uploader(aws, tmp_path, real_snapshot, NOW).take(1, "m")
+    bucket = _snapshots(aws, tmp_path, ScriptedEtcdctl()).cfg.snapshot_bucket
+    _overwrite_body(aws, bucket, newest.key, damage(real_snapshot))
+    restorer = _uploader(aws, tmp_path, real_snapshot, NOW)
+    path, obj, status = restorer.download_latest_good(tmp_path / "restore", max_generation=1)
+    assert obj.key == good.key and path.read_bytes() == real_snapshot and status.total_key >= 50
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda b: b[: len(b) - 40], id="truncated"),
+        pytest.param(lambda b: _flip_byte(b, len(b) // 2), id="byte flipped"),
+    ],
+)
+def test_a_snapshot_damaged_before_upload_fails_the_trial_restore_and_falls_back(
+    aws: dict[str, Any], tmp_path: Path, real_snapshot: bytes, damage: Callable[[bytes], bytes]
+) -> None:
+    """The checksum matches what was uploaded, so only the trial restore (etcd's own hash) can tell."""
+    good = _uploader(aws, tmp_path, real_snapshot, NOW - timedelta(hours=1)).take(1, "m")
+    time.sleep(1.1)
+    damaged = damage(real_snapshot)
+    restorer = _uploader(aws, tmp_path, real_snapshot, NOW)
+    bad = _uploader(aws, tmp_path, damaged, NOW).take(1, "m")
+    path, obj, _ = restorer.download_latest_good(tmp_path / "restore")
+    assert obj.key == good.key != bad.key and path.read_bytes() == real_snapshot
+    runner = restorer.etcdctl.runner
+    assert isinstance(runner, RealEtcdutl) and len(runner.restores) == 2, "the damaged one was trial-restored first"
+    assert not list((tmp_path / "restore").glob("trial-restore-*")), "scratch directories are removed"
+
+
+def test_only_damaged_snapshots_means_no_restore_naming_each_refusal(
+    aws: dict[str, Any], tmp_path: Path, real_snapshot: bytes
+) -> None:
+    snaps = _uploader(aws, tmp_path, real_snapshot[:-40], NOW)
+    bad = snaps.take(1, "m")
+    with pytest.raises(SnapshotError, match="no good snapshot") as err:
         snaps.download_latest_good(tmp_path / "restore")
+    assert bad.key in str(err.value) and "etcdutl" in str(err.value)
+
+
+def test_another_clusters_snapshot_under_this_prefix_is_refused(
+    aws: dict[str, Any], tmp_path: Path, real_snapshot: bytes
+) -> None:
+    good = _uploader(aws, tmp_path, real_snapshot, NOW - timedelta(hours=1)).take(1, "m")
+    time.sleep(1.1)
+    foreign = _uploader(aws, tmp_path, real_snapshot, NOW, clusterName="other").take(1, "m")
+    bucket = _snapshots(aws, tmp_path, ScriptedEtcdctl()).cfg.snapshot_bucket
+    # Copied under this cluster's prefix, metadata (cluster "other") and checksum intact.
+    planted = snapshot_key("demo", 1, NOW, foreign.revision)
+    aws["s3"].copy_object(Bucket=bucket, Key=planted, CopySource={"Bucket": bucket, "Key": foreign.key})
+    _, obj, _ = _uploader(aws, tmp_path, real_snapshot, NOW).download_latest_good(tmp_path / "restore")
+    assert obj.key == good.key
+
+
+def test_a_snapshot_of_a_later_generation_than_the_cluster_is_refused(
+    aws: dict[str, Any], tmp_path: Path, real_snapshot: bytes
+) -> None:
+    good = _uploader(aws, tmp_path, real_snapshot, NOW - timedelta(hours=1)).take(2, "m")
+    time.sleep(1.1)
+    _uploader(aws, tmp_path, real_snapshot, NOW).take(3, "m")
+    restorer = _uploader(aws, tmp_path, real_snapshot, NOW)
+    assert restorer.download_latest_good(tmp_path / "r1", max_generation=2)[1].key == good.key
+    assert restorer.download_latest_good(tmp_path / "r2", max_generation=3)[1].key != good.key
+
+
+def test_a_snapshot_without_a_recorded_checksum_is_refused(
+    aws: dict[str, Any], tmp_path: Path, real_snapshot: bytes
+) -> None:
+    snaps = _uploader(aws, tmp_path, real_snapshot, NOW)
+    key = snapshot_key("demo", 1, NOW, 99)
+    meta = {"cluster": "demo", "generation": "1"}
+    aws["s3"].put_object(Bucket=snaps.cfg.snapshot_bucket, Key=key, Body=real_snapshot, Metadata=meta)
+    with pytest.raises(SnapshotError, match="no SHA-256 recorded"):
+        snaps.download_latest_good(tmp_path / "restore")
+
+
+def test_newest_is_the_objects_own_time_not_a_future_date_in_its_key(
+    aws: dict[str, Any], tmp_path: Path, real_snapshot: bytes
+) -> None:
+    future = _uploader(aws, tmp_path, real_snapshot, NOW + timedelta(days=3650)).take(1, "m")
+    time.sleep(1.1)
+    newer = _uploader(aws, tmp_path, real_snapshot, NOW).take(1, "m")
+    restorer = _uploader(aws, tmp_path, real_snapshot, NOW)
+    assert [o.key for o in restorer.list_all()] == [future.key, newer.key]
+    assert restorer.download_latest_good(tmp_path / "restore")[1].key == newer.key
