@@ -98,10 +98,9 @@ def aws() -> Iterator[dict[str, Any]]:
             key_id = kms.create_key()["KeyMetadata"]["Arn"]
             secrets = boto3.client("secretsmanager", region_name=REGION)
             for name in ("dedicated-k8s/demo/pki", "dedicated-k8s/demo/etcd-client", "dedicated-k8s/demo/worker-join"):
-                # As the stack creates them: KMS-encrypted, holding a generated placeholder, not the agent's JSON.
-                secrets.create_secret(
-                    Name=name, KmsKeyId=key_id, SecretString=secrets.get_random_password()["RandomPassword"]
-                )
+                # As the stack creates them (stages/cluster_state.py): KMS-encrypted and EMPTY (no version, so
+                # GetSecretValue answers ResourceNotFoundException until the agent's first PutSecretValue).
+                secrets.create_secret(Name=name, KmsKeyId=key_id)
             yield {
                 "dynamodb": Serialized(ddb),
                 "s3": s3,
