@@ -38,6 +38,7 @@ from typing import Any
 
 from lambdas.common.membership import quorum
 from pipeline.canary.checks import Sample, parse_status
+from pipeline.cli_args import bounded_int, positive_seconds, stack_outputs_file
 
 DONE = {"Successful"}
 FAILED = {"Failed", "Cancelled", "Cancelling", "RollbackInProgress", "RollbackFailed", "RollbackSuccessful"}
@@ -188,20 +189,27 @@ class _Rollout:
             raise RolloutError(step, f"could not start an instance refresh: {err}") from err
         result.refresh_id = response["InstanceRefreshId"]
         self.log(f"{step}: instance refresh {result.refresh_id} started")
+        try:
+            return self._watch(group, step, result, started)
+        except BaseException as err:
+            # Whatever ends the watch (quorum, silence, timeout, an unexpected error, an interrupt), a refresh
+            # nobody watches must not go on replacing nodes: cancel it, unless Auto Scaling already ended it.
+            if result.status not in FAILED:
+                self._cancel(group, result)
+            if isinstance(err, Exception) and not isinstance(err, RolloutError):
+                raise RolloutError(step, f"{type(err).__name__} while watching the refresh: {err}") from err
+            raise
+
+    def _watch(self, group: str, step: str, result: GroupResult, started: float) -> GroupResult:
         deadline = started + self.options.group_timeout_s
         last_progress = None
         while True:
-            try:
-                sample = self.sample(step)
-            except RolloutError:  # status silent past the grace: stop replacing nodes we cannot watch
-                self._cancel(group, result)
-                raise
+            sample = self.sample(step)  # status silent past the grace raises: the refresh is cancelled
             result.samples += 1
             if sample.error is None:
                 m = margin(sample)
                 result.min_margin = m if result.min_margin is None else min(result.min_margin, m)
                 if m < self.options.min_margin:
-                    self._cancel(group, result)
                     raise RolloutError(step, f"quorum margin {m} ({sample.healthy_voters} of {sample.voters} voters "
                                              f"healthy) is below the allowed {self.options.min_margin}")  # fmt: skip
             refresh = self._describe(group, result.refresh_id)
@@ -217,7 +225,6 @@ class _Rollout:
             if result.status in FAILED:
                 raise RolloutError(step, f"instance refresh {result.status}: {refresh.get('StatusReason', '')}")
             if self.clock() > deadline:
-                self._cancel(group, result)
                 raise RolloutError(step, f"instance refresh not done within {self.options.group_timeout_s:.0f}s")
             self.sleep(self.options.poll_interval_s)
 
@@ -262,6 +269,10 @@ def run(
     except RolloutError as failure:
         log(f"ROLLOUT FAILED — {failure}")
         result = RolloutResult(False, str(failure), failure.step, rollout.groups, rollout.samples)
+    except Exception as err:  # outside a refresh (e.g. the settle wait): still a failed step and a report
+        wrapped = RolloutError("rollout", f"{type(err).__name__}: {err}")
+        log(f"ROLLOUT FAILED — {wrapped}")
+        result = RolloutResult(False, str(wrapped), wrapped.step, rollout.groups, rollout.samples)
     log(summary_table(result))
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,38 +291,32 @@ def summary_table(result: RolloutResult) -> str:
     return "\n".join(lines)
 
 
-def _from_outputs(path: Path) -> dict[str, str]:
-    document = json.loads(path.read_text())
-    for value in document.values():  # `cdk deploy --outputs-file` nests outputs under the stack name
-        if isinstance(value, dict) and "ControlPlaneGroupNames" in value:
-            return {k: str(v) for k, v in value.items()}
-    return {k: str(v) for k, v in document.items()}
-
-
 def main(argv: list[str] | None = None, *, autoscaling: Any = None, lambda_client: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.rollout", description=__doc__.splitlines()[0])
-    parser.add_argument("--outputs", type=Path, help="stack outputs JSON (cdk deploy --outputs-file)")
+    parser.add_argument("--outputs", type=stack_outputs_file, help="stack outputs JSON (cdk deploy --outputs-file)")
     parser.add_argument("--report", type=Path, default=Path("rollout-report.json"))
     parser.add_argument("--region", default=os.environ.get("AWS_REGION"))
     defaults = RolloutOptions()
-    parser.add_argument("--poll-interval", type=float, default=defaults.poll_interval_s)
-    parser.add_argument("--start-margin", type=int, default=defaults.start_margin)
-    parser.add_argument("--min-margin", type=int, default=defaults.min_margin)
-    parser.add_argument("--status-grace", type=float, default=defaults.status_grace_s)
-    parser.add_argument("--group-timeout", type=float, default=defaults.group_timeout_s)
-    parser.add_argument("--control-plane-warmup", type=int, default=defaults.control_plane_warmup_s)
-    parser.add_argument("--worker-warmup", type=int, default=defaults.worker_warmup_s)
-    parser.add_argument("--worker-min-healthy", type=int, default=defaults.worker_min_healthy)
-    parser.add_argument("--worker-max-healthy", type=int, default=defaults.worker_max_healthy)
+    # Ranges: quorum read at least every 10 s; a start margin below 1 would replace a node of a cluster that cannot
+    # lose one, a min margin below 0 is "no quorum is fine"; Auto Scaling's MinHealthyPercentage 0..100,
+    # MaxHealthyPercentage 100..200 (StartInstanceRefresh RefreshPreferences); warm-ups are seconds >= 0.
+    parser.add_argument("--poll-interval", type=positive_seconds(10), default=defaults.poll_interval_s)
+    parser.add_argument("--start-margin", type=bounded_int(1, 3), default=defaults.start_margin)
+    parser.add_argument("--min-margin", type=bounded_int(0, 3), default=defaults.min_margin)
+    parser.add_argument("--status-grace", type=positive_seconds(3600), default=defaults.status_grace_s)
+    parser.add_argument("--group-timeout", type=positive_seconds(86400), default=defaults.group_timeout_s)
+    parser.add_argument("--control-plane-warmup", type=bounded_int(0, 3600), default=defaults.control_plane_warmup_s)
+    parser.add_argument("--worker-warmup", type=bounded_int(0, 3600), default=defaults.worker_warmup_s)
+    parser.add_argument("--worker-min-healthy", type=bounded_int(0, 100), default=defaults.worker_min_healthy)
+    parser.add_argument("--worker-max-healthy", type=bounded_int(100, 200), default=defaults.worker_max_healthy)
     args = parser.parse_args(argv)
-    if args.poll_interval > 10:
-        parser.error("--poll-interval must be at most 10 seconds (quorum is checked at least that often)")
-    if not 0 <= args.worker_min_healthy <= 100 or not 100 <= args.worker_max_healthy <= 200:
-        parser.error("--worker-min-healthy must be 0..100 and --worker-max-healthy 100..200")
+    if args.min_margin > args.start_margin:
+        parser.error(f"--min-margin {args.min_margin} is above --start-margin {args.start_margin}: every refresh "
+                     "would be cancelled at its first sample")  # fmt: skip
     if args.worker_max_healthy - args.worker_min_healthy > 100:
         parser.error("--worker-max-healthy minus --worker-min-healthy may be at most 100 (Auto Scaling's rule)")
 
-    outputs = _from_outputs(args.outputs) if args.outputs else {}
+    outputs: dict[str, str] = args.outputs or {}
     cp = outputs.get("ControlPlaneGroupNames") or os.environ.get("CONTROL_PLANE_GROUP_NAMES", "")
     workers = outputs.get("WorkerGroupNames") or os.environ.get("WORKER_GROUP_NAMES", "")
     function = outputs.get("ClusterOpsFunctionName") or os.environ.get("CLUSTER_OPS_FUNCTION_NAME", "")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from node_agent.snapshots import SnapshotObject
+from pipeline.cli_args import bounded_int
 from twin.cluster import Twin, TwinError, TwinOptions
 from twin.lifecycle import IN_SERVICE, PENDING_WAIT, WAIT_STATES
 from twin.measure import Replacement, Write, Writer, summarize
@@ -279,8 +280,9 @@ def run_chaos(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m twin.chaos", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=20, help="control-plane replacements to perform")
-    parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    # At least one replacement: zero or fewer would "survive" with nothing exercised.
+    parser.add_argument("--count", type=bounded_int(1, 1000), default=20, help="control-plane replacements to perform")
+    parser.add_argument("--seed", type=bounded_int(0), default=int(time.time()) % 100000)
     parser.add_argument("--dr", action="store_true", help="include the all-instances-lost disaster recovery scenario")
     parser.add_argument("--report", type=Path, default=Path("reports/chaos-report.json"))
     args = parser.parse_args(argv)

@@ -8,37 +8,31 @@ Inputs come from the K8sClusterStack outputs: a ``cdk deploy --outputs-file`` JS
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from pipeline.canary.api import Boto3ClusterApi
 from pipeline.canary.runner import CanaryOptions, run
-
-
-def _from_outputs(path: Path) -> dict[str, str]:
-    document = json.loads(path.read_text())
-    # `cdk deploy --outputs-file` nests outputs under the stack name; accept either shape.
-    for value in document.values():
-        if isinstance(value, dict) and "ControlPlaneGroupNames" in value:
-            return {k: str(v) for k, v in value.items()}
-    return {k: str(v) for k, v in document.items()}
+from pipeline.cli_args import bounded_int, positive_seconds, stack_outputs_file
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.canary", description=__doc__.splitlines()[0])
-    parser.add_argument("--outputs", type=Path, help="stack outputs JSON (cdk deploy --outputs-file)")
+    parser.add_argument("--outputs", type=stack_outputs_file, help="stack outputs JSON (cdk deploy --outputs-file)")
     parser.add_argument("--report", type=Path, default=Path("canary-report.json"))
-    parser.add_argument("--replacement-timeout", type=float, default=1200.0, help="seconds per replacement")
-    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between status samples (<= 1)")
-    parser.add_argument("--expected-voters", type=int, default=None)
+    parser.add_argument("--replacement-timeout", type=positive_seconds(86400), default=1200.0,
+                        help="seconds per replacement")  # fmt: skip
+    parser.add_argument("--poll-interval", type=positive_seconds(1.0), default=1.0,
+                        help="seconds between status samples (<= 1)")  # fmt: skip
+    # The control plane's allowed sizes (stages/config.py: controlPlaneCount 3, 5 or 7).
+    parser.add_argument("--expected-voters", type=bounded_int(3, 7), default=None)
     parser.add_argument("--region", default=os.environ.get("AWS_REGION"))
     args = parser.parse_args(argv)
-    if args.poll_interval > 1.0:
-        parser.error("--poll-interval must be at most 1 second")
+    if args.expected_voters is not None and args.expected_voters % 2 == 0:
+        parser.error(f"argument --expected-voters: {args.expected_voters} is even: the control plane has 3, 5 or 7")
 
-    outputs = _from_outputs(args.outputs) if args.outputs else {}
+    outputs: dict[str, str] = args.outputs or {}
     groups = outputs.get("ControlPlaneGroupNames") or os.environ.get("CONTROL_PLANE_GROUP_NAMES", "")
     function = outputs.get("ClusterOpsFunctionName") or os.environ.get("CLUSTER_OPS_FUNCTION_NAME", "")
     if not groups or not function:

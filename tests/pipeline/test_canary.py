@@ -242,4 +242,4 @@ def test_cli_refuses_to_run_without_stack_outputs(
 def test_cli_rejects_a_poll_interval_above_one_second(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         canary_main(["--poll-interval", "5"])
-    assert "at most 1 second" in capsys.readouterr().err
+    assert "argument --poll-interval: 5 is out of range: must be more than 0 and at most 1" in capsys.readouterr().err

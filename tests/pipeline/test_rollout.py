@@ -194,7 +194,7 @@ def test_the_program_reads_the_stack_outputs_and_invokes_the_ops_function(cluste
             return {"StatusCode": 200, "Payload": StreamingBody(io.BytesIO(body), len(body))}
 
     ops = OpsFunction()
-    args = ["--outputs", str(outputs), "--report", str(tmp_path / "report.json"), "--poll-interval", "0",
+    args = ["--outputs", str(outputs), "--report", str(tmp_path / "report.json"), "--poll-interval", "0.001",
             "--region", REGION]  # fmt: skip
     assert main(args, autoscaling=cluster.asg, lambda_client=ops) == 0
     assert set(ops.calls) == {"status"} and cluster.amis(WORKERS) == {NEW_AMI}
@@ -210,3 +210,24 @@ def test_a_refresh_already_running_on_a_group_fails_the_step_without_touching_it
     assert not result.ok and result.failed_step == f"control-plane {CP[0]}"
     assert "could not start an instance refresh" in str(result.failure) and "InProgress" in str(result.failure)
     assert cluster.asg.cancelled == [] and len(cluster.asg.refreshes) == 1
+
+
+def test_a_crash_while_watching_a_refresh_cancels_it_and_still_writes_the_report(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """``time.sleep(-1)`` raises ValueError ("sleep length must be non-negative", Python's time.sleep): before
+    the parse-time ranges, ``--poll-interval -1`` crashed here and left the refresh replacing nodes unwatched."""
+    cluster.new_ami()
+
+    def sleep(seconds: float) -> None:
+        if cluster.asg.refreshes:
+            raise ValueError("sleep length must be non-negative")
+
+    report = tmp_path / "rollout" / "report.json"
+    result = run(cluster.asg, cluster.status, control_plane_groups=CP, options=FAST, report_path=report,
+                 log=lambda _: None, sleep=sleep)  # fmt: skip
+    assert not result.ok and result.failed_step == f"control-plane {CP[0]}"
+    assert "ValueError" in str(result.failure) and "sleep length" in str(result.failure)
+    assert cluster.asg.cancelled == [CP[0]], "the refresh that was started is cancelled"
+    written = json.loads(report.read_text())
+    assert written["ok"] is False and written["failed_step"] == f"control-plane {CP[0]}"
