@@ -539,7 +539,7 @@ def load_config(context: dict[str, Any], stage: str | None, region: str | None, 
             context["region"] = region
         if account is not None:
             context["account"] = account
-        return ClusterConfig.from_context(context.get)
+        return ClusterConfig.from_context(context.get, given_keys=context)  # a misspelt key is refused, as by the app
     from pipeline.config import PipelineSettings
 
     settings = PipelineSettings.from_context(context.get)

@@ -230,3 +230,16 @@ def test_a_duplicated_availability_zone_is_refused_naming_it() -> None:
     assert config_with(availabilityZones="us-east-1a,us-east-1b,us-east-1c,us-east-1d").availability_zones[3] == (
         "us-east-1d"
     )
+
+
+def test_preflight_refuses_a_misspelt_context_key_like_the_app() -> None:
+    """``python -m pipeline.preflight --context k=v`` reads the configuration the deploy will read: a misspelt key
+    that the deploy refuses must not pass the preflight as the default."""
+    from pipeline.preflight import load_config, read_context
+
+    assert load_config(read_context([]), None, "us-east-1", None).control_plane_count == 3
+    with pytest.raises(ConfigError) as caught:
+        load_config(read_context(["controlPlaneCout=5"]), None, "us-east-1", None)
+    assert caught.value.problems == [
+        "'controlPlaneCout' = \"5\": is not a known key; did you mean 'controlPlaneCount'?"
+    ]
