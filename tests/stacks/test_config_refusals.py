@@ -1,8 +1,10 @@
 """Configuration that cannot deploy, or deploys open, is refused at synth; docs/refusals.md is checked row by row.
 
-Every row of docs/refusals.md is fed to the real app (``app.build_app`` on a ``cdk.App`` whose context is
+Every synth row of docs/refusals.md is fed to the real app (``app.build_app`` on a ``cdk.App`` whose context is
 ``cdk.json``'s plus the row's ``-c`` pairs, as strings, exactly as the CDK CLI passes them) and the problems it
-reports must equal the row's messages, all of them and in order. A section the test does not know fails it.
+reports must equal the row's messages, all of them and in order. Every command-line row is run through the tool's
+own ``main`` (AWS and the chaos run replaced by objects that fail the test if touched) and argparse's last stderr
+line must equal the row's message. A section the test does not know fails it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from tests.stacks.conftest import ROOT, default_context
 REFUSALS = ROOT / "docs" / "refusals.md"
 # The sections of docs/refusals.md whose rows are `-c` inputs to `cdk synth` (both go through app.build_app).
 SYNTH_SECTIONS = ("Configuration at synth", "Pipeline settings at synth")
+# The section whose rows are `python -m <tool> <flags>` command lines.
+COMMAND_LINE_SECTION = "Command lines"
 
 # What the CDK CLI itself puts in the app's context (CDK_CONTEXT_JSON), seen from `cdk synth` of CDK CLI
 # 2.1148.1 with an app that prints its context keys; the names are the CLI switches of aws-cdk's cx-api
@@ -77,16 +81,62 @@ def app_problems(context: dict[str, Any]) -> list[str]:
 
 def test_the_refusals_table_has_rows_in_every_section_and_only_in_sections_the_test_checks() -> None:
     rows = refusal_rows()
-    assert {section for section, _, _ in rows} == set(SYNTH_SECTIONS)
-    assert len(rows) >= 30
+    assert {section for section, _, _ in rows} == {*SYNTH_SECTIONS, COMMAND_LINE_SECTION}
+    assert len(rows) >= 40
 
 
-@pytest.mark.parametrize(("section", "cli_args", "messages"), refusal_rows(), ids=lambda v: str(v)[:60])
-def test_each_row_of_the_refusals_table_is_refused_by_the_app_with_exactly_its_messages(
+@pytest.mark.parametrize(
+    ("section", "cli_args", "messages"),
+    [row for row in refusal_rows() if row[0] in SYNTH_SECTIONS],
+    ids=lambda v: str(v)[:60],
+)
+def test_each_synth_row_of_the_refusals_table_is_refused_by_the_app_with_exactly_its_messages(
     section: str, cli_args: str, messages: list[str]
 ) -> None:
-    assert section in SYNTH_SECTIONS
     assert app_problems(context_with(cli_args)) == messages
+
+
+class NoAws:
+    """Any AWS client call fails the test: a refused command line starts nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"AWS called ({name}) although the command line was refused")
+
+
+def tool_main(module: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str]], Any]:
+    """The ``main`` of ``python -m <module>``, unable to reach AWS or start a chaos run."""
+    from pipeline.canary.__main__ import main as canary_main
+    from pipeline.rollout import main as rollout_main
+    from twin import chaos
+
+    def no_run(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the chaos run started although the command line was refused")
+
+    monkeypatch.setattr(chaos, "run_chaos", no_run)
+    tools: dict[str, Callable[[list[str]], Any]] = {
+        "pipeline.rollout": lambda argv: rollout_main(argv, autoscaling=NoAws(), lambda_client=NoAws()),
+        "pipeline.canary": canary_main,
+        "twin.chaos": chaos.main,
+    }
+    assert module in tools, f"docs/refusals.md: no test runs {module!r}"
+    return tools[module]
+
+
+@pytest.mark.parametrize(
+    ("command_line", "messages"),
+    [(command, messages) for section, command, messages in refusal_rows() if section == COMMAND_LINE_SECTION],
+    ids=lambda v: str(v)[:60],
+)
+def test_each_command_line_row_of_the_refusals_table_exits_2_with_exactly_its_message(
+    command_line: str, messages: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    python, flag, module, *argv = command_line.split(" ")
+    assert (python, flag) == ("python", "-m")
+    main = tool_main(module, monkeypatch)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1:] == messages
 
 
 def test_a_misspelt_key_is_refused_by_cdk_synth_itself_naming_the_nearest_key(tmp_path: Path) -> None:
