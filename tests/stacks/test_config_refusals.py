@@ -4,7 +4,9 @@ Every synth row of docs/refusals.md is fed to the real app (``app.build_app`` on
 ``cdk.json``'s plus the row's ``-c`` pairs, as strings, exactly as the CDK CLI passes them) and the problems it
 reports must equal the row's messages, all of them and in order. Every command-line row is run through the tool's
 own ``main`` (AWS and the chaos run replaced by objects that fail the test if touched) and argparse's last stderr
-line must equal the row's message. A section the test does not know fails it.
+line must equal the row's message. Every secret row is stored in moto's Secrets Manager as the worker join secret
+and read by the agent's SecretStore, whose error must equal the row's message. A section the test does not know
+fails it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ REFUSALS = ROOT / "docs" / "refusals.md"
 SYNTH_SECTIONS = ("Configuration at synth", "Pipeline settings at synth")
 # The section whose rows are `python -m <tool> <flags>` command lines.
 COMMAND_LINE_SECTION = "Command lines"
+# The section whose rows are values of the worker join secret.
+SECRET_SECTION = "Node agent secrets"
 
 # What the CDK CLI itself puts in the app's context (CDK_CONTEXT_JSON), seen from `cdk synth` of CDK CLI
 # 2.1148.1 with an app that prints its context keys; the names are the CLI switches of aws-cdk's cx-api
@@ -81,7 +85,7 @@ def app_problems(context: dict[str, Any]) -> list[str]:
 
 def test_the_refusals_table_has_rows_in_every_section_and_only_in_sections_the_test_checks() -> None:
     rows = refusal_rows()
-    assert {section for section, _, _ in rows} == {*SYNTH_SECTIONS, COMMAND_LINE_SECTION}
+    assert {section for section, _, _ in rows} == {*SYNTH_SECTIONS, COMMAND_LINE_SECTION, SECRET_SECTION}
     assert len(rows) >= 40
 
 
@@ -293,3 +297,29 @@ def test_preflight_refuses_a_misspelt_context_key_like_the_app() -> None:
     assert caught.value.problems == [
         "'controlPlaneCout' = \"5\": is not a known key; did you mean 'controlPlaneCount'?"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "messages"),
+    [(value, messages) for section, value, messages in refusal_rows() if section == SECRET_SECTION],
+    ids=lambda v: str(v)[:60],
+)
+def test_each_secret_row_of_the_refusals_table_is_refused_as_corrupt_with_exactly_its_message(
+    value: str, messages: list[str]
+) -> None:
+    """moto's Secrets Manager returns the stored SecretString as given (GetSecretValue); the agent must call it
+    corrupt (not "not written yet", which would make a worker wait out its join deadline)."""
+    import boto3
+    from moto import mock_aws
+
+    from node_agent.errors import SecretUnreadableError
+    from node_agent.secrets import SecretStore
+
+    name = ClusterConfig.from_mapping(default_context()).join_secret_name
+    with mock_aws():
+        client = boto3.client("secretsmanager", region_name="us-east-1")
+        client.create_secret(Name=name, SecretString=value)
+        with pytest.raises(SecretUnreadableError) as caught:
+            SecretStore(client).read_join(name)
+    assert [str(caught.value)] == messages
+    assert not caught.value.not_written_yet
