@@ -8,8 +8,6 @@ import aws_cdk as cdk
 from constructs import Construct
 
 from stages.cluster_state import ClusterState
-
-# The pod and service ranges live with the configuration, whose validation keeps the VPC clear of them.
 from stages.config import POD_CIDR, SERVICE_CIDR, ClusterConfig
 from stages.control_plane import ControlPlane
 from stages.etcd_lifecycle import EtcdLifecycle
@@ -52,6 +50,7 @@ class K8sClusterStack(cdk.Stack):
             "snapshotIntervalMinutes": config.snapshot_interval_minutes,
             "snapshotRetentionDays": config.snapshot_retention_days,
             "launchHookName": "dk8s-launch",
+            # In stages/config.py, whose validation keeps the VPC clear of both ranges.
             "podCidr": POD_CIDR,
             "serviceCidr": SERVICE_CIDR,
             **({"clusterAutoscaler": True} if config.cluster_autoscaler else {}),
