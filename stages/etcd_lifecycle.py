@@ -34,6 +34,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from stages.config import ClusterConfig
+from stages.control_plane import CONTROL_PLANE_LAUNCH_TIMEOUT
 from stages.lambda_bundling import lambda_code
 from stages.nag import skip_checkov, suppress
 from stages.security import API_PORT
@@ -54,6 +55,10 @@ TERMINATE_EVENT = "EC2 Instance-terminate Lifecycle Action"
 # Longer than the function timeout: an invocation cannot outlive its timeout, so a live writer never has its
 # lease taken over; a dead one's is free again after this.
 WRITER_LEASE_SECONDS = int(FUNCTION_TIMEOUT.to_seconds()) * 2
+# An etcd learner whose raft index has not moved for this long (and is behind the leader) is an abandoned join:
+# the reconciler has the lifecycle Lambda withdraw it, well before the launch hook's timeout, so a joiner killed
+# after its `member add` does not block every removal for CONTROL_PLANE_LAUNCH_TIMEOUT (lambdas/common/join_watch.py).
+LEARNER_STALL_SECONDS = 300
 # ScalingConfig.MaximumConcurrency: Lambda's minimum (2..1000).
 LIFECYCLE_MAX_CONCURRENCY = 2
 
@@ -115,6 +120,10 @@ class EtcdLifecycle(Construct):
             # The membership writer lease (lambdas/common/writer_lease.py).
             "CLUSTER_STATE_TABLE": config.cluster_state_table_name,
             "WRITER_LEASE_SECONDS": str(WRITER_LEASE_SECONDS),
+            # How long a join may take (the launch hook's timeout) and how long a learner may stall: past them
+            # the reconciler has an abandoned join's member withdrawn (lambdas/common/join_watch.py).
+            "JOIN_TIMEOUT_SECONDS": str(CONTROL_PLANE_LAUNCH_TIMEOUT),
+            "LEARNER_STALL_SECONDS": str(LEARNER_STALL_SECONDS),
         }
         code = lambda_code()
 

@@ -16,6 +16,7 @@ from aws_cdk import aws_iam as iam
 from cdk_nag import RegexAppliesTo
 from constructs import Construct
 
+from lambdas.common.join_watch import WATCH_KEY as JOIN_WATCH_KEY
 from lambdas.common.writer_lease import LEASE_KEY
 from stages.config import ClusterConfig
 from stages.irsa import issuer_writer_statements
@@ -644,6 +645,16 @@ class IamStack(cdk.Stack):
                         sid="LifecycleQueueRequests",
                         actions=["sqs:SendMessage"],
                         resources=[self._arn("sqs", f"{config.resource_prefix}-etcd-lifecycle")],
+                    )
+                )
+                # Its records of the joins in flight (lambdas/common/join_watch.py): that one item of the
+                # cluster-state table, read and replaced (LeadingKeys), never the nodes' or the writer lease's.
+                statements.append(
+                    iam.PolicyStatement(
+                        sid="JoinWatchRecords",
+                        actions=["dynamodb:GetItem", "dynamodb:PutItem"],
+                        resources=[self._table_arn],
+                        conditions={"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [JOIN_WATCH_KEY]}},
                     )
                 )
             policy = self._attach(role, "Policy", statements)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -192,13 +192,27 @@ def observe(client: EtcdClient, endpoints: Sequence[str]) -> ClusterView:
     return ClusterView(members=members, leader_id=leader_id)
 
 
-def find_member_for_instance(view: ClusterView, instance_id: str, private_ip: str | None = None) -> Member | None:
+def address_is_only_theirs(instance_id: str, ip_holders: Collection[str] | None) -> bool:
+    """May a nameless member with this instance's address be attributed to ``instance_id``?
+
+    Only if EC2 shows no other live (pending/running) instance holding the address: EC2 reuses private IPs,
+    so a redelivered event for an instance whose member is gone, arriving while a new instance with the same
+    IP is joining, must not take the newcomer's unstarted member for its own (issue 15). ``None`` (nobody
+    asked EC2) is not an answer: no attribution by address then."""
+    return ip_holders is not None and not (set(ip_holders) - {instance_id})
+
+
+def find_member_for_instance(
+    view: ClusterView, instance_id: str, private_ip: str | None = None, *, ip_holders: Collection[str] | None = None
+) -> Member | None:
     """Invariant 1: by name (it carries the instance ID) first; by peer URL only for a member whose name
-    carries no instance ID (an unstarted member), because IPs are reused by new instances and IDs are not."""
+    carries no instance ID (an unstarted member), because IPs are reused by new instances and IDs are not,
+    and then only if ``ip_holders`` (the live instances EC2 shows holding ``private_ip``) name no other
+    instance (:func:`address_is_only_theirs`)."""
     by_name = [m for m in view.members if m.instance_id == instance_id]
     if by_name:
         return by_name[0]
-    if private_ip:
+    if private_ip and address_is_only_theirs(instance_id, ip_holders):
         for m in view.members:
             if m.instance_id is None and private_ip in m.peer_hosts:
                 return m
@@ -291,14 +305,16 @@ def remove_member_safely(
     instance_id: str,
     private_ip: str | None = None,
     desired_voters: int | None = None,
+    ip_holders: Collection[str] | None = None,
 ) -> RemovalResult:
     """Remove the member of ``instance_id`` if that is safe now; idempotent (gone = done).
 
     ``endpoints`` are the other control-plane members' client URLs; the leaving member's own URL is never
     used for the removal itself (only to hand off leadership, which etcd accepts only at the leader).
+    ``ip_holders``: the live instances EC2 shows holding ``private_ip`` (see :func:`find_member_for_instance`).
     """
     view = observe(client, endpoints)
-    target = find_member_for_instance(view, instance_id, private_ip)
+    target = find_member_for_instance(view, instance_id, private_ip, ip_holders=ip_holders)
     if target is None:
         return RemovalResult(RemovalOutcome.ALREADY_GONE, f"no member for {instance_id}", view=view)
     decision = can_remove_member(view, target, desired_voters=desired_voters)
@@ -333,6 +349,51 @@ def remove_member_by_id(
     if target is None:
         return RemovalResult(RemovalOutcome.ALREADY_GONE, f"no member {member_id}", view=view)
     decision = can_remove_member(view, target, desired_voters=desired_voters)
+    if not decision.safe:
+        return RemovalResult(RemovalOutcome.UNSAFE, decision.reason, member=target, view=view)
+    return _remove(client, _other_endpoints(endpoints, target) or list(endpoints), target, view, decision)
+
+
+def withdraw_join(
+    client: EtcdClient,
+    endpoints: Sequence[str],
+    member_id: str,
+    *,
+    peer_url: str,
+    why: str,
+    ip_holders: Collection[str],
+    gone_instance_ids: Collection[str] = (),
+) -> RemovalResult:
+    """Withdraw an abandoned join's member (a learner or unstarted member, never a voter that started).
+
+    Re-checked on a fresh view, because the request was decided a run ago: the member must still carry
+    ``peer_url`` and still be a change in flight, and the reason (:mod:`lambdas.common.join_watch`) must still
+    hold where one look can tell: ``instance-gone`` -- its name's instance is in ``gone_instance_ids``;
+    ``unclaimed`` -- it is unstarted and no live instance holds its address (``ip_holders``: a joiner that
+    appeared since is someone's join in progress); ``stalled`` -- it is a learner (a stall is measured over
+    runs, not in one look). The removal itself follows :func:`can_remove_member` (a learner or unstarted member
+    counts for nothing: always quorum-safe).
+    """
+    view = observe(client, endpoints)
+    target = next((m for m in view.members if m.id == member_id), None)
+    if target is None:
+        return RemovalResult(RemovalOutcome.ALREADY_GONE, f"no member {member_id}", view=view)
+    if peer_url not in target.peer_urls:
+        reason = f"member {member_id} has peer URLs {list(target.peer_urls)}, not {peer_url}: not the join asked about"
+        return RemovalResult(RemovalOutcome.UNSAFE, reason, member=target, view=view)
+    if not (target.is_learner or not target.started):
+        reason = f"{target.label} is a started voter now: its join finished, nothing to withdraw"
+        return RemovalResult(RemovalOutcome.UNSAFE, reason, member=target, view=view)
+    still = {
+        "instance-gone": target.instance_id is not None and target.instance_id in gone_instance_ids,
+        "unclaimed": not target.started and not ip_holders,
+        "stalled": target.is_learner,
+    }
+    if not still.get(why, False):
+        held = f" (address held by {', '.join(sorted(ip_holders))})" if ip_holders else ""
+        reason = f"{target.label}: {why!r} no longer holds{held}; not withdrawing"
+        return RemovalResult(RemovalOutcome.UNSAFE, reason, member=target, view=view)
+    decision = can_remove_member(view, target)
     if not decision.safe:
         return RemovalResult(RemovalOutcome.UNSAFE, decision.reason, member=target, view=view)
     return _remove(client, _other_endpoints(endpoints, target) or list(endpoints), target, view, decision)

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from lambdas.common.cluster_aws import GONE_STATES, LambdaSettings
 from lambdas.common.drain import DrainResult, drain_node
 from lambdas.common.etcd_client import EtcdClient, EtcdUnavailableError, TlsMaterial
+from lambdas.common.join_watch import live_instances_by_ip
 from lambdas.common.kube_client import KubeClient, KubeRequestError, KubeUnavailableError
 from lambdas.common.membership import RemovalOutcome, RemovalResult, remove_member_safely
 from lambdas.common.writer_lease import LeaseBusy, WriterLease
@@ -125,6 +126,7 @@ class ClusterPorts(Protocol):
     """What :func:`handle_termination` needs from AWS (:class:`lambdas.common.cluster_aws.ClusterAws`)."""
 
     settings: LambdaSettings
+    ec2: Any  # boto3 EC2 client: who holds an address (lambdas.common.join_watch.live_instances_by_ip)
 
     def etcd_tls(self) -> TlsMaterial | None: ...
     def etcd_client(self, tls: TlsMaterial, timeout: float = 2.0) -> EtcdClient: ...
@@ -234,6 +236,9 @@ def _remove_member_as_writer(
     if not endpoints:
         return _not_now(request, ports, now, "no other running control-plane instance to reach etcd through")
     private_ip = ports.private_ip(request.instance_id)
+    # Who EC2 shows holding that address: an unstarted member there is the leaving instance's only if no one
+    # else holds it (EC2 reuses private IPs; lambdas.common.membership.find_member_for_instance).
+    live = live_instances_by_ip(ports.ec2, settings.cluster_tag_key, settings.cluster_name) if private_ip else {}
     try:
         removal = remove_member_safely(
             ports.etcd_client(tls),
@@ -241,6 +246,7 @@ def _remove_member_as_writer(
             instance_id=request.instance_id,
             private_ip=private_ip,
             desired_voters=settings.desired_members,
+            ip_holders=live.get(private_ip, []) if private_ip else None,
         )
     except EtcdUnavailableError as err:
         return _not_now(request, ports, now, f"etcd unreachable: {err}")
@@ -315,7 +321,7 @@ def _not_now(
     role: str = "control-plane",
 ) -> TerminationResult:
     settings = ports.settings
-    if request.origin == "reconciler" or request.kind != "terminating":
+    if request.kind != "terminating":
         # Level-triggered: the reconciler asks again on its next run; no chain of retries of its own.
         return TerminationResult("deferred", reason, removal, drain=drain, role=role)
     assert request.group is not None and request.hook is not None
@@ -327,5 +333,10 @@ def _not_now(
         return TerminationResult(
             "hook-gone", f"the hook is no longer waiting; stopping retries ({reason})", removal, drain=drain, role=role
         )
+    if request.origin == "reconciler":
+        # A lost event's hook waiting for its turn (issue 15): the heartbeat above keeps it alive until the
+        # reconciler's next request (every minute, well inside the hook's timeout), which asks again; the
+        # removal deadline above, from the table's first sight, decides when waiting ends. No retry chain.
+        return TerminationResult("deferred", reason, removal, drain=drain, role=role)
     ports.enqueue(request.retry_message(now), settings.retry_delay_seconds)
     return TerminationResult("retry", reason, removal, drain=drain, role=role)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from lambdas.common.cluster_aws import ClusterAws, default_cluster_aws
+from lambdas.common.join_withdrawal import WithdrawalRequest, handle_withdrawal, is_withdrawal
 from lambdas.common.observability import Logger, Metrics
 from lambdas.common.termination import (
     MalformedRequestError,
@@ -51,6 +52,29 @@ def _metric(result: TerminationResult) -> str:
             "rejected": "RejectedRequests"}.get(result.action, "RemovalDeferred")  # fmt: skip
 
 
+def _withdraw(aws: ClusterAws, body: Any, message_id: str | None, metrics: Metrics) -> bool:
+    """One withdrawal request; False if it is malformed (rejected, nothing done) or failed (redelivered)."""
+    try:
+        request = WithdrawalRequest.parse(body)
+        result = handle_withdrawal(request, aws)
+    except ValueError as err:
+        LOGGER.error("rejected: malformed withdrawal", reason=str(err), message_id=message_id, body=str(body)[:2000])
+        metrics.add("RejectedRequests", 1)
+        return False
+    except Exception as err:
+        LOGGER.error("withdrawal failed; the message will be redelivered", error=f"{type(err).__name__}: {err}",
+                     message_id=message_id)  # fmt: skip
+        metrics.add("LifecycleErrors", 1)
+        if message_id is None:
+            raise
+        return False
+    LOGGER.log("INFO" if result.action == "continue" else "WARNING", f"join withdrawal {result.action}",
+               member_id=request.member_id, why=request.why, message_id=message_id,
+               **result.log_fields())  # fmt: skip
+    metrics.add("JoinsWithdrawn" if result.action == "continue" else "JoinWithdrawalDeferred", 1)
+    return True
+
+
 def handle(event: Any, context: Any) -> dict[str, Any]:
     aws = cluster_aws()
     metrics = Metrics(aws.settings.metrics_namespace)
@@ -59,6 +83,10 @@ def handle(event: Any, context: Any) -> dict[str, Any]:
     LOGGER.bind(request_id=getattr(context, "aws_request_id", None))
     for message_id, body in _bodies(event):
         started = time.monotonic()
+        if is_withdrawal(body):  # an abandoned join the reconciler found (lambdas/common/join_withdrawal.py)
+            if not _withdraw(aws, body, message_id, metrics) and message_id:
+                failures.append({"itemIdentifier": message_id})
+            continue
         try:
             request = TerminationRequest.parse(body, time.time())
         except MalformedRequestError as err:

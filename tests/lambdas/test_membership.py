@@ -77,7 +77,22 @@ def test_an_instance_is_matched_by_name_first_and_by_peer_url_only_for_a_nameles
     assert find_member_for_instance(view, "i-0000000000000000b", "10.0.0.1") is None, "IPs are reused, IDs are not"
     assert find_member_for_instance(view, "i-0000000000000000a") is reused
     unstarted = _m(7, started=False)
-    assert find_member_for_instance(_view(_m(1), unstarted), "i-0000000000000000c", "10.0.0.7") is unstarted
+    two = _view(_m(1), unstarted)
+    leaving = "i-0000000000000000c"
+    assert find_member_for_instance(two, leaving, "10.0.0.7", ip_holders=[leaving]) is unstarted
+    assert find_member_for_instance(two, leaving, "10.0.0.7", ip_holders=[]) is unstarted, "no one else holds it"
+
+
+def test_an_unstarted_member_at_an_address_another_live_instance_holds_is_not_the_leaving_instances() -> None:
+    """EC2 reuses private IPs: a redelivered event for an instance whose member is already gone, while a new
+    instance with the same IP is joining, must not take the newcomer's unstarted member (issue 15). By peer
+    URL only if EC2 shows no other live instance holding the address; not asking EC2 (None) is no answer."""
+    newcomer = _m(7, started=False)
+    view = _view(_m(1), _m(2), newcomer)
+    leaving, joining = "i-0000000000000000c", "i-0000000000000000d"
+    assert find_member_for_instance(view, leaving, "10.0.0.7", ip_holders=[joining]) is None
+    assert find_member_for_instance(view, leaving, "10.0.0.7", ip_holders=[leaving, joining]) is None
+    assert find_member_for_instance(view, leaving, "10.0.0.7") is None, "nobody asked EC2: no attribution by IP"
 
 
 @pytest.mark.etcd
