@@ -396,10 +396,24 @@ def bucket(cloud: TemplateCloud, lid: str, props: dict[str, Any]) -> _Made:
     )
 
 
+INSECURE_TRANSPORT = {"Bool": {"aws:SecureTransport": "false"}}
+
+
 @creates("AWS::S3::BucketPolicy")
 def bucket_policy(cloud: TemplateCloud, lid: str, props: dict[str, Any]) -> _Made:
+    """The bucket policy as the template gives it, except its "deny insecure transport" statement.
+
+    moto evaluates bucket policies, and the twin's clients reach it over plain HTTP, where ``aws:SecureTransport``
+    is false: that statement would deny every call. In the deployed stack every client talks HTTPS to S3 (boto3's
+    default, through the S3 gateway endpoint), so AWS evaluates it as true and the statement never applies ("IAM
+    JSON policy elements: Condition", aws:SecureTransport). Leaving it out is exactly as kind as AWS to an HTTPS
+    client; ``tests/stacks`` assert the statement is in the template."""
     p = cloud.resolve(props)
-    cloud.client("s3").put_bucket_policy(Bucket=p["Bucket"], Policy=json.dumps(p["PolicyDocument"]))
+    document = dict(p["PolicyDocument"])
+    document["Statement"] = [
+        s for s in document["Statement"] if not (s.get("Effect") == "Deny" and s.get("Condition") == INSECURE_TRANSPORT)
+    ]
+    cloud.client("s3").put_bucket_policy(Bucket=p["Bucket"], Policy=json.dumps(document))
     return _Made(p["Bucket"])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,11 +21,30 @@ from lambdas.common.kube_client import KubeClient
 from lambdas.common.writer_lease import WriterLease
 
 CLIENT_PORT = 2379
+# EC2 instance states after which the instance can never run again (InstanceState, Amazon EC2 API Reference).
 GONE_STATES = frozenset({"shutting-down", "terminated"})
+# The node agents' cluster-state item (node_agent/election.py, PK): the Lambdas only ever read it.
+CLUSTER_STATE_KEY = "cluster"
+# Phases of that item after which the cluster has etcd members (node_agent.election.Phase); "initialising"
+# with generation 0 is the very first init, before any member but the initialiser's exists.
+_INITIALISED_PHASES = frozenset({"initialised", "restoring"})
+_KNOWN_PHASES = frozenset({"uninitialised", "initialising", *_INITIALISED_PHASES})
+# When the lifecycle Lambda first saw a terminate action: one item each in the cluster-state table,
+# keyed under this prefix (the lifecycle role may write only these and the writer lease: LeadingKeys).
+FIRST_SEEN_PREFIX = "first-seen/"
 
 
 class SettingsError(ValueError):
     """A required environment variable is missing or malformed (the stack sets them all)."""
+
+
+class CredentialsUnreadableError(RuntimeError):
+    """A client-certificate secret cannot be used although the cluster-state item says the cluster was
+    initialised (so the secret was written): an error to retry and alarm on, never "nothing to do"."""
+
+
+class ClusterStateError(RuntimeError):
+    """The cluster-state table cannot answer (unknown phase, malformed first-seen item)."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +226,15 @@ class ClusterAws:
                     )
         return found
 
+    def lifecycle_state(self, instance_id: str) -> tuple[str, str] | None:
+        """(group, LifecycleState) as Auto Scaling's DescribeAutoScalingInstances reports the instance, or None
+        when no group holds it. The group is whichever one Auto Scaling says, not the one a message names."""
+        resp = self.autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id])
+        for inst in resp.get("AutoScalingInstances", []):
+            if inst.get("InstanceId") == instance_id:
+                return str(inst["AutoScalingGroupName"]), str(inst["LifecycleState"])
+        return None
+
     def terminate_hook_name(self, group: str) -> str | None:
         resp = self.autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group)
         for hook in resp.get("LifecycleHooks", []):
@@ -215,9 +244,35 @@ class ClusterAws:
 
     # -- etcd credentials ---------------------------------------------------------------------------------------------
     def etcd_tls(self) -> TlsMaterial | None:
-        """The client certificate the initialiser stored; None while the cluster was never initialised (the
-        secret is missing or still holds the stack's placeholder). Access errors raise."""
-        return self._tls_secret(self.settings.etcd_client_secret_name)
+        """The client certificate the initialiser stored; None only while the cluster was never initialised.
+
+        Whether it was initialised comes from the node agents' cluster-state item, not from the secret: a
+        secret that is missing, a placeholder or corrupt (truncated JSON) on an initialised cluster raises
+        :class:`CredentialsUnreadableError`, so a removal is retried and alarmed on, never skipped. The item is
+        read only when the secret is unusable (the common path costs no extra call). Access errors raise."""
+        name = self.settings.etcd_client_secret_name
+        tls, problem = self._tls_secret(name)
+        if tls is not None:
+            return tls
+        if self.cluster_initialised():
+            raise CredentialsUnreadableError(
+                f"secret {name!r} {problem}, but the cluster-state item says the cluster was initialised"
+            )
+        return None
+
+    def cluster_initialised(self) -> bool:
+        """Has the cluster ever been initialised (so etcd members exist)? From the cluster-state item the node
+        agents write (node_agent/election.py); a missing item is a cluster never initialised."""
+        item = self.dynamodb.get_item(
+            TableName=self.settings.cluster_state_table, Key={"pk": {"S": CLUSTER_STATE_KEY}}, ConsistentRead=True
+        ).get("Item")
+        if not item:
+            return False
+        phase = item.get("state", {}).get("S")
+        if phase not in _KNOWN_PHASES:
+            raise ClusterStateError(f"cluster-state item has unknown state {phase!r}; refusing to guess")
+        generation = item.get("generation", {}).get("N", "0")
+        return phase in _INITIALISED_PHASES or (generation.isdigit() and int(generation) > 0)
 
     def etcd_client(self, tls: TlsMaterial, timeout: float = 2.0) -> EtcdClient:
         return EtcdClient(tls, timeout=timeout)
@@ -225,26 +280,31 @@ class ClusterAws:
     # -- Kubernetes API credentials (the drain) -----------------------------------------------------------------
     def kube_tls(self) -> TlsMaterial | None:
         """The drainer's client certificate (``{"ca", "cert", "key"}``, written by the node agent at init); None
-        while the secret is missing or still the stack's placeholder. Access errors raise."""
-        return self._tls_secret(self.settings.kube_client_secret_name)
+        while the secret is missing or unusable (the drain waits, then its deadline lets termination go on).
+        Access errors raise."""
+        return self._tls_secret(self.settings.kube_client_secret_name)[0]
 
     def kube_client(self, tls: TlsMaterial, timeout: float = 5.0) -> KubeClient:
         return KubeClient(self.settings.kube_api_url, tls, timeout=timeout)
 
-    def _tls_secret(self, name: str) -> TlsMaterial | None:
+    def _tls_secret(self, name: str) -> tuple[TlsMaterial | None, str]:
+        """The certificate, or None and what is wrong with the secret (for the error that names it)."""
         try:
             raw = self.secretsmanager.get_secret_value(SecretId=name)["SecretString"]
         except ClientError as err:
             if _error_code(err) == "ResourceNotFoundException":
-                return None
+                return None, "does not exist or holds no value"
             raise
         try:
             value = json.loads(raw)
-        except ValueError:
-            return None
-        if not isinstance(value, dict) or not all(value.get(k) for k in ("ca", "cert", "key")):
-            return None
-        return TlsMaterial.from_secret(value)
+        except ValueError as err:
+            return None, f"is not JSON ({err})"
+        if not isinstance(value, dict):
+            return None, "is not a JSON object"
+        missing = [k for k in ("ca", "cert", "key") if not value.get(k)]
+        if missing:
+            return None, f"lacks {', '.join(missing)}"
+        return TlsMaterial.from_secret(value), ""
 
     # -- lifecycle hook --------------------------------------------------------------------------------------------
     def complete(self, group: str, hook: str, instance_id: str, token: str | None, result: str) -> bool:
@@ -280,6 +340,35 @@ class ClusterAws:
     # -- the single membership writer ---------------------------------------------------------------------------
     def writer_lease(self) -> WriterLease:
         return WriterLease(self.dynamodb, self.settings.cluster_state_table, self.settings.writer_lease_seconds)
+
+    def first_seen(self, instance_id: str, group: str, hook: str, now: float) -> float:
+        """When this lifecycle action was first seen: written once with a conditional put on first sight, read
+        back ever after, so no message body can move the removal deadline.
+
+        Keyed by (instance, group, hook), not by the token: the reconciler's repair of a lost event carries no
+        token (DescribeAutoScalingInstances does not give it), and it must share the event's clock, not start
+        its own. An instance leaves a group once, so one terminate action per key."""
+        key = {"pk": {"S": f"{FIRST_SEEN_PREFIX}{instance_id}/{group}/{hook}"}}
+        try:
+            self.dynamodb.put_item(
+                TableName=self.settings.cluster_state_table,
+                Item={**key, "first_seen": {"N": repr(now)}},
+                ConditionExpression="attribute_not_exists(pk)",
+            )
+        except ClientError as err:
+            if _error_code(err) != "ConditionalCheckFailedException":
+                raise
+        else:
+            return now
+        item = self.dynamodb.get_item(TableName=self.settings.cluster_state_table, Key=key, ConsistentRead=True)
+        raw = item.get("Item", {}).get("first_seen", {}).get("N", "")
+        try:
+            seen = float(raw)
+        except ValueError:
+            seen = math.nan
+        if not math.isfinite(seen):
+            raise ClusterStateError(f"first-seen item {key['pk']['S']!r} holds {raw!r}, not a time")
+        return seen
 
     # -- queue ---------------------------------------------------------------------------------------------------
     def enqueue(self, body: dict[str, Any], delay_seconds: int = 0) -> None:

@@ -7,9 +7,18 @@ cluster-state DynamoDB table that holds the membership writer lease).
 
 What the harness drives (moto lacks it, docs in shared/design/facts.md): Auto Scaling lifecycle actions.
 moto raises NotImplementedError for CompleteLifecycleAction and RecordLifecycleActionHeartbeat, so
-:class:`HookRecorder` answers those two calls the way Auto Scaling does (a completed or unknown action
-gives "No active Lifecycle Action found") and records them for the assertions. It also reports the
-lifecycle state (InService / Terminating:Wait) that moto's describe calls cannot.
+:class:`HookRecorder` answers those two calls the way Auto Scaling does (a completed or unknown action, or
+a token that is not the action's, gives "No active Lifecycle Action found") and records them for the
+assertions. moto ignores hooks (its DescribeAutoScalingInstances / DescribeAutoScalingGroups say InService
+always), so this is the tests' one place for the lifecycle state: :class:`HarnessAws` takes the group from
+moto (the instance must really be attached to it) and the state from :meth:`HookRecorder.state` --
+``InService``, ``Terminating:Wait`` while the terminate hook waits, ``Terminating:Proceed`` once completed
+(AutoScalingInstanceDetails.LifecycleState, Amazon EC2 Auto Scaling API Reference; "How lifecycle hooks
+work", Amazon EC2 Auto Scaling User Guide). The twin's proxy does the same from its state machine
+(twin/aws.py rewrites LifecycleState in both describe answers).
+
+The cluster-state table holds the node agents' cluster item as an initialised cluster (state
+``initialised``, generation 1, as node_agent/election.py writes it): these etcd clusters were initialised.
 """
 
 from __future__ import annotations
@@ -46,6 +55,13 @@ class HookRecorder:
 
     waiting: dict[str, str] = field(default_factory=dict)  # instance -> token of the terminate hook
     calls: list[tuple[str, str, str]] = field(default_factory=list)  # (call, instance, result)
+    proceeding: set[str] = field(default_factory=set)  # instances whose terminate hook was completed
+
+    def state(self, instance_id: str) -> str:
+        """The LifecycleState Auto Scaling would report for an instance in a group."""
+        if instance_id in self.waiting:
+            return "Terminating:Wait"
+        return "Terminating:Proceed" if instance_id in self.proceeding else "InService"
 
     def _active(self, instance_id: str, token: str | None, call: str) -> None:
         if instance_id not in self.waiting or (token and token != self.waiting[instance_id]):
@@ -56,6 +72,7 @@ class HookRecorder:
         self._active(instance_id, token, "CompleteLifecycleAction")
         self.calls.append(("complete", instance_id, result))
         del self.waiting[instance_id]
+        self.proceeding.add(instance_id)
 
     def heartbeat(self, instance_id: str, token: str | None) -> None:
         self._active(instance_id, token, "RecordLifecycleActionHeartbeat")
@@ -88,11 +105,14 @@ class HarnessAws(ClusterAws):
         return True
 
     def group_instances(self) -> list[GroupInstance]:
-        waiting = self.hooks.waiting
         return [
-            GroupInstance(gi.instance_id, gi.group, "Terminating:Wait" if gi.instance_id in waiting else "InService")
+            GroupInstance(gi.instance_id, gi.group, self.hooks.state(gi.instance_id))
             for gi in super().group_instances()
         ]
+
+    def lifecycle_state(self, instance_id: str) -> tuple[str, str] | None:
+        found = super().lifecycle_state(instance_id)  # moto: the real group, and "InService" whatever the hook
+        return None if found is None else (found[0], self.hooks.state(instance_id))
 
 
 @dataclass
@@ -113,10 +133,15 @@ class Env:
         return [n.instance_id for n in self.etcd.nodes.values()]
 
     def begin_termination(self, instance_id: str) -> dict[str, Any]:
-        """What Auto Scaling does on TerminateInstanceInAutoScalingGroup: Terminating:Wait + the event."""
+        """What Auto Scaling does on TerminateInstanceInAutoScalingGroup: Terminating:Wait + the event. Only an
+        instance of a group can terminate in it: one not attached yet (a test's worker) is attached first."""
+        group = self.group_of[instance_id]
+        autoscaling = self.aws.autoscaling
+        if not autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id])["AutoScalingInstances"]:
+            autoscaling.attach_instances(InstanceIds=[instance_id], AutoScalingGroupName=group)
         token = f"token-{instance_id}"
         self.hooks.waiting[instance_id] = token
-        return terminate_event(self.group_of[instance_id], instance_id, token)
+        return terminate_event(group, instance_id, token)
 
     def terminate_in_ec2(self, instance_id: str) -> None:
         self.ec2.terminate_instances(InstanceIds=[instance_id])
@@ -124,8 +149,13 @@ class Env:
     def launch_instance(self, group: str) -> tuple[str, str]:
         ip = free_ip_in(self.network)
         iid = _run_instance(self.ec2, self.subnet_id, ip)
+        self.aws.autoscaling.attach_instances(InstanceIds=[iid], AutoScalingGroupName=group)
         self.group_of[iid] = group
         return iid, ip
+
+    def forget_initialisation(self) -> None:
+        """A cluster never initialised: no cluster-state item (node_agent.election.parse_item: uninitialised)."""
+        self.dynamodb.delete_item(TableName=TABLE, Key={"pk": {"S": "cluster"}})
 
     def queued(self, wait: float = 0.0) -> list[dict[str, Any]]:
         """Drain the queue (after ``wait`` seconds, for delayed retries)."""
@@ -241,7 +271,7 @@ def lambda_env(root: Path) -> Iterator[Env]:
     )
     for group in GROUPS:
         autoscaling.create_auto_scaling_group(
-            AutoScalingGroupName=group, LaunchConfigurationName="lc", MinSize=0, MaxSize=1, DesiredCapacity=0,
+            AutoScalingGroupName=group, LaunchConfigurationName="lc", MinSize=0, MaxSize=2, DesiredCapacity=0,
             VPCZoneIdentifier=subnet,
         )  # fmt: skip
         autoscaling.put_lifecycle_hook(
@@ -258,6 +288,10 @@ def lambda_env(root: Path) -> Iterator[Env]:
         KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
         AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
         BillingMode="PAY_PER_REQUEST",
+    )
+    dynamodb.put_item(  # the node agents' item of an initialised cluster (node_agent/election.py, complete)
+        TableName=TABLE,
+        Item={"pk": {"S": "cluster"}, "state": {"S": "initialised"}, "generation": {"N": "1"}},
     )
     cluster = EtcdCluster(root / "etcd", network)
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from lambdas.common.termination import RETRY_KEY
 from lambdas.etcd_lifecycle import handler as lifecycle
-from tests.lambdas.conftest import Env, sqs_event, terminate_event
+from tests.lambdas.conftest import HOOK, Env, sqs_event, terminate_event
 
 pytestmark = pytest.mark.etcd
 
@@ -90,11 +90,13 @@ def test_removal_waits_while_another_member_is_down(handlers: Env) -> None:
 
 
 def test_still_unsafe_past_the_deadline_abandons_and_keeps_the_member(handlers: Env) -> None:
+    """The deadline runs from the first sight the cluster-state table recorded for this lifecycle action."""
     env = handlers
     leaving, down = env.instance_ids[0], env.instance_ids[2]
     env.etcd.kill(env.etcd.node_for(down).name)
     event = env.begin_termination(leaving)
-    event[RETRY_KEY] = {"attempt": 120, "firstSeen": time.time() - 3600}  # waited an hour already
+    env.aws.first_seen(leaving, env.group_of[leaving], HOOK, time.time() - 3600)  # an hour ago
+    event[RETRY_KEY] = {"attempt": 120, "firstSeen": time.time() - 3600}
     run(env, event)
     assert env.hooks.results(leaving) == ["ABANDON"], "the group retains on abandon: an operator decides"
     assert len(names(env)) == 3
@@ -171,12 +173,13 @@ def test_a_malformed_event_changes_nothing_and_goes_to_the_dead_letter_queue(
     assert any(line.get("message") == "rejected: malformed request" and line["level"] == "ERROR" for line in lines)
 
 
-def test_an_unknown_group_changes_nothing(handlers: Env) -> None:
+def test_an_unknown_group_changes_nothing_and_is_consumed(handlers: Env) -> None:
+    """Rejected before any AWS call; consumed (a redelivery would be rejected again), logged."""
     env = handlers
     leaving = env.instance_ids[0]
     env.hooks.waiting[leaving] = "t"
     event = terminate_event("some-other-team-asg", leaving, "t")
-    assert run(env, event) == {"batchItemFailures": [{"itemIdentifier": "m-0"}]}
+    assert run(env, event) == {"batchItemFailures": []}
     assert len(names(env)) == 3 and env.hooks.calls == []
 
 
@@ -209,7 +212,9 @@ def test_a_leaving_leader_hands_leadership_off_before_removal(handlers: Env) -> 
 
 
 def test_a_cluster_never_initialised_lets_termination_continue(handlers: Env) -> None:
+    """No cluster-state item (node_agent.election: never initialised) and the stack's placeholder secret."""
     env = handlers
+    env.forget_initialisation()
     env.aws.secretsmanager.put_secret_value(
         SecretId=env.aws.settings.etcd_client_secret_name, SecretString="placeholder"
     )
