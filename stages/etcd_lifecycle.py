@@ -14,6 +14,14 @@ failed. The SQS event source is capped at MaximumConcurrency 2 (the smallest val
 in the Lambda API reference) so a burst of terminations does not fan out into invocations that would only find
 the lease held and re-enqueue.
 
+Who may send to the lifecycle queue: the stack's own terminate rules (``aws:SourceArn`` = their ARNs, built from
+their fixed names so the KMS key's grant does not depend on the rules), the reconciler's role (its repair requests)
+and the lifecycle Lambda's role (its delayed retries); a Deny for every other sender makes that hold against a
+broad identity policy too. CDK's ``targets.SqsQueue`` on a KMS-encrypted queue allows any rule of the account
+(``aws:SourceAccount`` only), so the rules use :class:`_LifecycleQueueTarget`, which adds no policy of its own.
+The Lambda still verifies every request with AWS (lambdas/common/verify.py): the policy narrows who can ask, the
+Lambda decides whether what is asked is true.
+
 Why the drain of ASG terminate hooks is here and not in aws-node-termination-handler: see
 lambdas/common/termination.py (NTH completes the hook right after its drain, so it cannot be ordered before
 the etcd removal, and it never deletes the Node object).
@@ -21,7 +29,10 @@ the etcd removal, and it never deletes the Node object).
 
 from __future__ import annotations
 
+from typing import cast
+
 import aws_cdk as cdk
+import jsii
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -35,6 +46,7 @@ from constructs import Construct
 
 from stages.config import ClusterConfig
 from stages.control_plane import CONTROL_PLANE_LAUNCH_TIMEOUT
+from stages.iam_stack import cluster_ops_role_name
 from stages.lambda_bundling import lambda_code
 from stages.nag import skip_checkov, suppress
 from stages.security import API_PORT
@@ -61,6 +73,21 @@ WRITER_LEASE_SECONDS = int(FUNCTION_TIMEOUT.to_seconds()) * 2
 LEARNER_STALL_SECONDS = 300
 # ScalingConfig.MaximumConcurrency: Lambda's minimum (2..1000).
 LIFECYCLE_MAX_CONCURRENCY = 2
+
+
+@jsii.implements(events.IRuleTarget)
+class _LifecycleQueueTarget:
+    """The lifecycle queue as a rule target, adding no queue policy (EtcdLifecycle writes the only one)."""
+
+    def __init__(self, queue: sqs.IQueue) -> None:
+        self.queue = queue
+
+    def bind(self, _rule: events.IRule, _id: str | None = None) -> events.RuleTargetConfig:
+        return events.RuleTargetConfig(arn=self.queue.queue_arn)
+
+
+def _queue_target(queue: sqs.IQueue) -> events.IRuleTarget:
+    return cast(events.IRuleTarget, _LifecycleQueueTarget(queue))  # jsii.implements is invisible to mypy
 
 
 class EtcdLifecycle(Construct):
@@ -192,7 +219,7 @@ class EtcdLifecycle(Construct):
             "ClusterOpsFunction",
             config.cluster_ops_function_name,
             "lambdas.cluster_ops.handler.handle",
-            config.reconciler_role_name,
+            cluster_ops_role_name(config),
             description="Read-only etcd status and the canary's sentinel key",
         )
 
@@ -201,33 +228,36 @@ class EtcdLifecycle(Construct):
                 self.queue, batch_size=1, report_batch_item_failures=True, max_concurrency=LIFECYCLE_MAX_CONCURRENCY
             )
         )
+        rule_names = [f"{config.resource_prefix}-control-plane-terminate"]
         self.terminate_rule = events.Rule(
             self,
             "TerminateRule",
-            rule_name=f"{config.resource_prefix}-control-plane-terminate",
+            rule_name=rule_names[0],
             description="Control-plane terminate lifecycle actions to the etcd lifecycle queue",
             event_pattern=events.EventPattern(
                 source=["aws.autoscaling"],
                 detail_type=[TERMINATE_EVENT],
                 detail={"AutoScalingGroupName": list(config.control_plane_group_names)},
             ),
-            targets=[targets.SqsQueue(self.queue)],
+            targets=[_queue_target(self.queue)],
         )
         worker_groups = [config.worker_group_name(g) for g in config.worker_groups]
         if worker_groups:
             # Workers: drain and delete the Node, then CONTINUE (never etcd). NTH handles only non-ASG events.
+            rule_names.append(f"{config.resource_prefix}-worker-terminate")
             self.worker_terminate_rule = events.Rule(
                 self,
                 "WorkerTerminateRule",
-                rule_name=f"{config.resource_prefix}-worker-terminate",
+                rule_name=rule_names[-1],
                 description="Worker terminate lifecycle actions to the lifecycle queue (drain before termination)",
                 event_pattern=events.EventPattern(
                     source=["aws.autoscaling"],
                     detail_type=[TERMINATE_EVENT],
                     detail={"AutoScalingGroupName": worker_groups},
                 ),
-                targets=[targets.SqsQueue(self.queue)],
+                targets=[_queue_target(self.queue)],
             )
+        self._restrict_senders(rule_names, [config.reconciler_role_name, config.etcd_lifecycle_role_name])
         self.reconcile_rule = events.Rule(
             self,
             "ReconcileSchedule",
@@ -235,4 +265,38 @@ class EtcdLifecycle(Construct):
             description="Level-triggered etcd membership reconcile",
             schedule=events.Schedule.rate(RECONCILE_EVERY),
             targets=[targets.LambdaFunction(self.reconciler_function, retry_attempts=0)],
+        )
+
+    def _restrict_senders(self, rule_names: list[str], sender_role_names: list[str]) -> None:
+        """EventBridge may send only for the stack's own rules; other principals only as the sender roles."""
+        stack = cdk.Stack.of(self)
+        rule_arns = [stack.format_arn(service="events", resource="rule", resource_name=name) for name in rule_names]
+        role_arns = [
+            stack.format_arn(service="iam", region="", resource="role", resource_name=name)
+            for name in sender_role_names
+        ]
+        # "Amazon SQS permissions", Using resource-based policies for Amazon EventBridge (EventBridge User Guide).
+        # The queue policy only: the key policy already lets EventBridge use the key, with no condition, as it
+        # must (tests/stacks/test_first_deploy_template.py), so no conditioned KMS grant is added here.
+        self.queue.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="TerminateRulesSend",
+                principals=[iam.ServicePrincipal("events.amazonaws.com")],
+                actions=["sqs:SendMessage", "sqs:GetQueueAttributes", "sqs:GetQueueUrl"],
+                resources=[self.queue.queue_arn],
+                conditions={"ArnEquals": {"aws:SourceArn": rule_arns}},
+            )
+        )
+        # Both keys must differ for the Deny to apply (keys in one condition operator are ANDed; an absent key
+        # makes ArnNotEquals true): EventBridge for our rules and the two roles pass, every other sender is
+        # refused whatever its identity policy says (IAM JSON policy elements: Condition operators).
+        self.queue.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyTheClusterSends",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["sqs:SendMessage"],
+                resources=[self.queue.queue_arn],
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": role_arns, "aws:SourceArn": rule_arns}},
+            )
         )

@@ -16,6 +16,7 @@ from aws_cdk import aws_iam as iam
 from cdk_nag import RegexAppliesTo
 from constructs import Construct
 
+from lambdas.common.cluster_aws import CLUSTER_STATE_KEY, FIRST_SEEN_PREFIX
 from lambdas.common.join_watch import WATCH_KEY as JOIN_WATCH_KEY
 from lambdas.common.writer_lease import LEASE_KEY
 from stages.config import ClusterConfig
@@ -142,6 +143,16 @@ AUTOSCALER_SCALE_ACTIONS = ("autoscaling:SetDesiredCapacity", "autoscaling:Termi
 # The lifecycle Lambda's membership writer lease: a conditional put to take it, a conditional delete to give
 # it back (lambdas/common/writer_lease.py, whose item key LEASE_KEY the grant is limited to).
 WRITER_LEASE_ACTIONS = ("dynamodb:PutItem", "dynamodb:DeleteItem")
+# The lifecycle Lambda's first sight of each terminate action (ClusterAws.first_seen): a conditional put, then reads.
+FIRST_SEEN_ACTIONS = ("dynamodb:PutItem", "dynamodb:GetItem")
+
+
+def cluster_ops_role_name(config: ClusterConfig) -> str:
+    """The cluster-ops function's own role (stages/config.py names the others; kept here so config.py is not
+    touched by this change): read-only etcd status and the canary's sentinel, no queue and no hook."""
+    return f"{config.resource_prefix}-cluster-ops"
+
+
 # Creations, allowed only when the request tags the new resource as the cluster's own (aws:RequestTag): the CCM
 # puts kubernetes.io/cluster/<name>=owned in every CreateLoadBalancer, CreateTargetGroup, CreateListener and
 # CreateSecurityGroup it sends (buildTags(ResourceLifecycleOwned, ...)).
@@ -258,7 +269,9 @@ class IamStack(cdk.Stack):
         self.control_plane_role = self._node_role(config.control_plane_role_name, "control-plane nodes")
         self.worker_role = self._node_role(config.worker_role_name, "worker nodes")
         self.etcd_lifecycle_role = self._lambda_role(config.etcd_lifecycle_role_name, "etcd lifecycle Lambda")
-        self.reconciler_role = self._lambda_role(config.reconciler_role_name, "etcd reconciler and cluster-ops Lambdas")
+        self.reconciler_role = self._lambda_role(config.reconciler_role_name, "etcd reconciler Lambda")
+        # Its own role, not the reconciler's: the reconciler may send to the lifecycle queue, cluster-ops never.
+        self.cluster_ops_role = self._lambda_role(cluster_ops_role_name(config), "cluster-ops Lambda (etcd status)")
         self.image_builder_role = self._node_role(config.image_builder_role_name, "the Image Builder build instance")
 
         self._control_plane_policy()
@@ -313,6 +326,14 @@ class IamStack(cdk.Stack):
     @property
     def _cluster_keys(self) -> iam.PolicyStatement:
         return cluster_key_statement(self, self.config)
+
+    @property
+    def _cluster_keys_decrypt_only(self) -> iam.PolicyStatement:
+        """Reading a secret encrypted with the cluster key needs kms:Decrypt alone (cluster-ops writes nothing)."""
+        full = cluster_key_statement(self, self.config).to_statement_json()
+        return iam.PolicyStatement(
+            sid=full["Sid"], actions=["kms:Decrypt"], resources=[full["Resource"]], conditions=full["Condition"]
+        )
 
     def _log_groups(self, *names: str) -> list[str]:
         return [self._arn("logs", "log-group", f"{name}:*", colon=True) for name in names]
@@ -560,15 +581,19 @@ class IamStack(cdk.Stack):
 
     def _lambda_policies(self) -> None:
         config = self.config
-        for role, function_names, can_complete in (
-            (self.etcd_lifecycle_role, [config.etcd_lifecycle_function_name], True),
-            (self.reconciler_role, [config.reconciler_function_name, config.cluster_ops_function_name], False),
+        for role, function_names, kind in (
+            (self.etcd_lifecycle_role, [config.etcd_lifecycle_function_name], "lifecycle"),
+            (self.reconciler_role, [config.reconciler_function_name], "reconciler"),
+            (self.cluster_ops_role, [config.cluster_ops_function_name], "cluster-ops"),
         ):
             log_groups = [f"/aws/lambda/{name}" for name in function_names]
             statements = [
-                self._describe(),
-                self._metrics(),
-                self._cluster_keys,
+                # cluster-ops finds the etcd endpoints by tag and publishes no metrics: DescribeInstances only.
+                self._describe()
+                if kind != "cluster-ops"
+                else iam.PolicyStatement(sid="Describe", actions=["ec2:DescribeInstances"], resources=["*"]),
+                *([self._metrics()] if kind != "cluster-ops" else []),
+                self._cluster_keys if kind != "cluster-ops" else self._cluster_keys_decrypt_only,
                 iam.PolicyStatement(sid="VpcNetworkInterfaces", actions=list(VPC_LAMBDA_ENI_ACTIONS), resources=["*"]),
                 iam.PolicyStatement(sid="Tracing", actions=list(XRAY_ACTIONS), resources=["*"]),
                 iam.PolicyStatement(
@@ -581,6 +606,14 @@ class IamStack(cdk.Stack):
                     actions=["secretsmanager:GetSecretValue"],
                     resources=[self._secret_arn(config.etcd_client_secret_name)],
                 ),
+                # "Was the cluster initialised?" when the etcd client secret is unusable (ClusterAws.etcd_tls):
+                # a read of the nodes' cluster-state item, never a write (LeadingKeys).
+                iam.PolicyStatement(
+                    sid="ClusterInitialisedRead",
+                    actions=["dynamodb:GetItem"],
+                    resources=[self._table_arn],
+                    conditions={"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [CLUSTER_STATE_KEY]}},
+                ),
             ]
             applies = [
                 "Resource::*",
@@ -591,7 +624,7 @@ class IamStack(cdk.Stack):
                     for group in log_groups
                 ],
             ]
-            if can_complete:
+            if kind == "lifecycle":
                 # The lifecycle Lambda drains every terminating node (control plane and workers) before it
                 # completes the hook, with its own Kubernetes API client certificate.
                 terminate_groups = [*config.control_plane_group_names, *self._worker_group_names]
@@ -619,6 +652,16 @@ class IamStack(cdk.Stack):
                         conditions={"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [LEASE_KEY]}},
                     )
                 )
+                # When each terminate action was first seen (the removal deadline's start, ClusterAws.first_seen):
+                # only items under that prefix, never the nodes' item or the lease (LeadingKeys).
+                statements.append(
+                    iam.PolicyStatement(
+                        sid="FirstSeenRecords",
+                        actions=list(FIRST_SEEN_ACTIONS),
+                        resources=[self._table_arn],
+                        conditions={"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [f"{FIRST_SEEN_PREFIX}*"]}},
+                    )
+                )
                 statements.append(
                     iam.PolicyStatement(
                         sid="RetryQueue",
@@ -637,7 +680,7 @@ class IamStack(cdk.Stack):
                     "Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:"
                     f"{config.kube_client_secret_name}-??????"
                 )
-            else:
+            elif kind == "reconciler":
                 # The reconciler never changes membership itself: it asks the lifecycle Lambda (the single
                 # writer) through its queue, so it may only send to that queue.
                 statements.append(

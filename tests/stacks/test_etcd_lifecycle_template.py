@@ -61,3 +61,63 @@ def test_function_log_groups_are_kept_on_update_and_delete_but_not_after_a_faile
     for name, group in groups.items():
         assert group["DeletionPolicy"] == "RetainExceptOnCreate", name
         assert group["UpdateReplacePolicy"] == "Retain", name
+
+
+def lifecycle_queue_statements(template: Template) -> list[dict[str, Any]]:
+    (policy,) = [
+        p
+        for logical_id, p in template.find_resources("AWS::SQS::QueuePolicy").items()
+        if logical_id.startswith("EtcdLifecycleQueuePolicy")
+    ]
+    return list(policy["Properties"]["PolicyDocument"]["Statement"])
+
+
+def arn_names(value: Any, kind: str) -> set[str]:
+    """The names in ARNs built by Fn::Join (``...:rule/<name>``, ``...:role/<name>``)."""
+    return {part.split(f":{kind}/")[1] for part in json.dumps(value).split('"') if f":{kind}/" in part}
+
+
+def test_eventbridge_may_send_to_the_lifecycle_queue_only_for_the_stacks_own_terminate_rules(
+    cluster_template: Template,
+) -> None:
+    """A queue policy that allows events.amazonaws.com with only ``aws:SourceAccount`` lets any rule of the
+    account deliver forged terminate events; ``aws:SourceArn`` names the rules ("Amazon SQS permissions", Using
+    resource-based policies for Amazon EventBridge, EventBridge User Guide). The rules are exactly the stack's
+    rules whose target is the queue."""
+    rules = cluster_template.find_resources("AWS::Events::Rule")
+    to_queue = {
+        r["Properties"]["Name"]
+        for r in rules.values()
+        if "EtcdLifecycleQueue" in json.dumps(r["Properties"]["Targets"])
+    }
+    assert to_queue == {"dk8s-dedicated-k8s-control-plane-terminate", "dk8s-dedicated-k8s-worker-terminate"}
+    statements = lifecycle_queue_statements(cluster_template)
+    allows = [s for s in statements if s["Effect"] == "Allow"]
+    assert [s["Principal"] for s in allows] == [{"Service": "events.amazonaws.com"}], "EventBridge is the only grantee"
+    (allow,) = allows
+    assert list(allow["Condition"]) == ["ArnEquals"] and list(allow["Condition"]["ArnEquals"]) == ["aws:SourceArn"]
+    assert arn_names(allow["Condition"], "rule") == to_queue
+    assert "aws:SourceAccount" not in json.dumps(statements)
+
+
+def test_every_other_sender_is_denied_but_the_reconciler_and_the_lifecycle_roles(cluster_template: Template) -> None:
+    """A Deny on SendMessage for every principal unless it is one of the two sender roles (``aws:PrincipalArn``)
+    or EventBridge for our rules (``aws:SourceArn``): the keys in one condition operator are ANDed and an absent
+    key makes ArnNotEquals true ("IAM JSON policy elements: Condition operators", IAM User Guide), so a principal
+    with a broad identity policy, or another rule, is refused. cluster-ops runs with its own role, not a sender's."""
+    denies = [s for s in lifecycle_queue_statements(cluster_template) if s["Effect"] == "Deny"]
+    (only_ours,) = [s for s in denies if s.get("Sid") == "OnlyTheClusterSends"]
+    assert only_ours["Principal"] == {"AWS": "*"} and only_ours["Action"] == "sqs:SendMessage"
+    condition = only_ours["Condition"]["ArnNotEquals"]
+    assert set(condition) == {"aws:PrincipalArn", "aws:SourceArn"}
+    assert arn_names(condition["aws:PrincipalArn"], "role") == {
+        "dk8s-dedicated-k8s-etcd-reconciler",
+        "dk8s-dedicated-k8s-etcd-lifecycle",
+    }
+    assert arn_names(condition["aws:SourceArn"], "rule") == {
+        "dk8s-dedicated-k8s-control-plane-terminate",
+        "dk8s-dedicated-k8s-worker-terminate",
+    }
+    roles = {name: arn_names(f["Properties"]["Role"], "role") for name, f in functions(cluster_template).items()}
+    assert roles["dk8s-dedicated-k8s-cluster-ops"] == {"dk8s-dedicated-k8s-cluster-ops"}
+    assert roles["dk8s-dedicated-k8s-etcd-reconciler"] == {"dk8s-dedicated-k8s-etcd-reconciler"}

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from aws_cdk.assertions import Template
 
+from lambdas.common.cluster_aws import CLUSTER_STATE_KEY, FIRST_SEEN_PREFIX
 from lambdas.common.join_watch import WATCH_KEY
 from lambdas.common.writer_lease import LEASE_KEY
+from node_agent import election
 from stages.config import ClusterConfig, ConfigError
 from stages.iam_stack import (
     CCM_CREATE_ACTIONS,
@@ -169,35 +171,70 @@ def test_npx_cdk_synth_works_offline_without_credentials(tmp_path: Path) -> None
     print(f"npx cdk synth took {elapsed:.1f} s")
 
 
-def test_the_lifecycle_lambda_may_write_only_the_writer_lease_item_of_the_cluster_state_table(
-    iam_template: Template,
-) -> None:
-    """The lease is one conditional PutItem and one conditional DeleteItem (lambdas/common/writer_lease.py).
-    ``dynamodb:LeadingKeys`` limits them to items whose partition key is the lease's ("Using IAM policy
-    conditions for fine-grained access control", Amazon DynamoDB Developer Guide): the Lambda can never
-    overwrite the nodes' bootstrap lock or "initialised" item."""
+def table_grants(policy: dict[str, Any]) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Each DynamoDB statement of a policy, as (the partition keys it is limited to) -> (its actions); every one
+    must be on the cluster-state table and limited by ``dynamodb:LeadingKeys``."""
+    grants: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+        if not any(a.startswith("dynamodb:") for a in as_list(statement["Action"])):
+            continue
+        assert json.dumps(statement["Resource"]).endswith(':table/dk8s-dedicated-k8s-cluster-state"]]}')
+        ((operator, condition),) = statement["Condition"].items()
+        assert operator in ("ForAllValues:StringEquals", "ForAllValues:StringLike") and list(condition) == [
+            "dynamodb:LeadingKeys"
+        ]
+        grants[tuple(condition["dynamodb:LeadingKeys"])] = tuple(sorted(as_list(statement["Action"])))
+    return grants
+
+
+def test_the_lambdas_may_touch_only_their_own_items_of_the_cluster_state_table(iam_template: Template) -> None:
+    """``dynamodb:LeadingKeys`` limits each grant to items whose partition key is listed ("Using IAM policy
+    conditions for fine-grained access control", Amazon DynamoDB Developer Guide): the lifecycle Lambda writes
+    only its writer lease (a conditional PutItem and DeleteItem, lambdas/common/writer_lease.py) and its
+    first-sight records (``first-seen/*``, ClusterAws.first_seen); every Lambda may only *read* the nodes'
+    cluster item ("was it initialised?", ClusterAws.etcd_tls), so none can overwrite the bootstrap lock or the
+    "initialised" item; the reconciler reads and replaces only its records of the joins in flight."""
     policies = iam_template.find_resources("AWS::IAM::Policy")
-    (lifecycle,) = [p for logical_id, p in policies.items() if logical_id.startswith("EtcdLifecycleRolePolicy")]
-    table_statements = [
-        s
-        for s in lifecycle["Properties"]["PolicyDocument"]["Statement"]
-        if any(a.startswith("dynamodb:") for a in as_list(s["Action"]))
-    ]
-    assert len(table_statements) == 1
-    (lease,) = table_statements
-    assert sorted(as_list(lease["Action"])) == ["dynamodb:DeleteItem", "dynamodb:PutItem"]
-    assert lease["Condition"] == {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [LEASE_KEY]}}
-    assert json.dumps(lease["Resource"]).endswith(':table/dk8s-dedicated-k8s-cluster-state"]]}')
-    (reconciler,) = [p for logical_id, p in policies.items() if logical_id.startswith("EtcdReconcilerRolePolicy")]
-    # The reconciler never writes membership, so no lease: it reads and replaces only its records of the joins in
-    # flight (lambdas/common/join_watch.py), that one item.
-    reconciler_table = [
-        s
-        for s in reconciler["Properties"]["PolicyDocument"]["Statement"]
-        if any(a.startswith("dynamodb:") for a in as_list(s["Action"]))
-    ]
-    assert [sorted(as_list(s["Action"])) for s in reconciler_table] == [["dynamodb:GetItem", "dynamodb:PutItem"]]
-    assert reconciler_table[0]["Condition"] == {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [WATCH_KEY]}}
+
+    def policy_of(prefix: str) -> Any:
+        (found,) = [p for logical_id, p in policies.items() if logical_id.startswith(prefix)]
+        return found
+
+    assert table_grants(policy_of("EtcdLifecycleRolePolicy")) == {
+        (LEASE_KEY,): ("dynamodb:DeleteItem", "dynamodb:PutItem"),
+        (f"{FIRST_SEEN_PREFIX}*",): ("dynamodb:GetItem", "dynamodb:PutItem"),
+        (CLUSTER_STATE_KEY,): ("dynamodb:GetItem",),
+    }
+    assert table_grants(policy_of("EtcdReconcilerRolePolicy")) == {
+        (WATCH_KEY,): ("dynamodb:GetItem", "dynamodb:PutItem"),
+        (CLUSTER_STATE_KEY,): ("dynamodb:GetItem",),
+    }
+    assert table_grants(policy_of("ClusterOpsRolePolicy")) == {(CLUSTER_STATE_KEY,): ("dynamodb:GetItem",)}
+    assert CLUSTER_STATE_KEY == election.PK, "the Lambdas read the very item the node agents write"
+
+
+def test_cluster_ops_has_its_own_role_with_no_queue_no_hook_and_no_metrics(iam_template: Template) -> None:
+    """cluster-ops (status, canary sentinel) used to share the reconciler's role, which may send to the
+    lifecycle queue: its own role holds exactly what its handler calls (DescribeInstances for the etcd
+    endpoints, the etcd client secret and its key, the cluster item read, its logs, X-Ray, VPC ENIs)."""
+    roles = {r["Properties"]["RoleName"] for r in iam_template.find_resources("AWS::IAM::Role").values()}
+    assert "dk8s-dedicated-k8s-cluster-ops" in roles
+    policies = iam_template.find_resources("AWS::IAM::Policy")
+    (ops,) = [p for logical_id, p in policies.items() if logical_id.startswith("ClusterOpsRolePolicy")]
+    actions = {a for s in ops["Properties"]["PolicyDocument"]["Statement"] for a in as_list(s["Action"])}
+    assert actions == {
+        "ec2:DescribeInstances",
+        "kms:Decrypt",
+        "secretsmanager:GetSecretValue",
+        "dynamodb:GetItem",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        *XRAY_ACTIONS,
+        *VPC_LAMBDA_ENI_ACTIONS,
+    }
+    assert "cluster-ops" not in json.dumps(
+        [p for logical_id, p in policies.items() if logical_id.startswith("EtcdReconcilerRolePolicy")]
+    ), "the reconciler's role no longer writes the cluster-ops function's logs"
 
 
 def test_the_auto_scaling_service_linked_role_is_not_created_by_default(templates: dict[str, Template]) -> None:
