@@ -10,6 +10,16 @@ function decides for all of them, so the rules are the same whichever way a requ
 * still not safe past deadline  -> ABANDON; the control-plane groups retain on abandon, so the instance
                                    and its member stay up and the RemovalAbandoned alarm calls a human
 * bad input                     -> rejected, logged, nothing changed (the message goes to the DLQ)
+* not verified as leaving       -> rejected, logged, nothing changed, the message consumed: before any drain
+                                   or removal, AWS itself must say the instance is leaving
+                                   (:mod:`lambdas.common.verify`); a message is a claim, not a fact
+
+The removal deadline runs from when the lifecycle action (instance, group, hook) was first seen, kept in the
+cluster-state table on first sight (:meth:`ClusterAws.first_seen`), never from a message body: a retry key's
+``firstSeen`` is only informational, and a retry key that is not well-formed (``attempt`` not a positive
+integer, ``firstSeen`` not a finite past time) is rejected like other bad input, but consumed (our own
+retries always write it well-formed, so only a forged or mangled message carries such a key, and the
+reconciler finds a real termination whose message was lost).
 
 The etcd removal (observe, decide, remove, complete) runs only while this invocation holds the membership
 writer lease (:mod:`lambdas.common.writer_lease`, invariant 4a): the event source runs up to two invocations
@@ -34,17 +44,19 @@ rebalance recommendation, scheduled maintenance).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from lambdas.common.cluster_aws import GONE_STATES, LambdaSettings
+from lambdas.common.cluster_aws import LambdaSettings
 from lambdas.common.drain import DrainResult, drain_node
 from lambdas.common.etcd_client import EtcdClient, EtcdUnavailableError, TlsMaterial
 from lambdas.common.join_watch import live_instances_by_ip
 from lambdas.common.kube_client import KubeClient, KubeRequestError, KubeUnavailableError
 from lambdas.common.membership import RemovalOutcome, RemovalResult, remove_member_safely
+from lambdas.common.verify import Verdict, verify_gone, verify_terminating
 from lambdas.common.writer_lease import LeaseBusy, WriterLease
 
 TERMINATE_DETAIL_TYPE = "EC2 Instance-terminate Lifecycle Action"
@@ -53,10 +65,36 @@ RECONCILER_SOURCE = "dedicated-k8s.reconciler"
 RECONCILER_DETAIL_TYPE = "Control-plane Member Cleanup"
 RETRY_KEY = "dedicatedK8sRetry"
 _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8}([0-9a-f]{9})?$")
+# A retry's firstSeen may be this far ahead of our clock (another invocation's clock); further is no retry of ours.
+_CLOCK_SKEW_SECONDS = 300
+# More attempts than any deadline allows at the shortest retry delay: a larger count is no retry of ours.
+_MAX_ATTEMPT = 100_000
 
 
 class MalformedRequestError(ValueError):
     """The message is not a request we understand; nothing is done with it."""
+
+
+class MalformedRetryKeyError(MalformedRequestError):
+    """A terminate event whose retry key we never wrote; rejected and consumed (see the module docstring)."""
+
+
+def _retry_key(body: dict[str, Any], now: float) -> tuple[int, float]:
+    """(attempt, firstSeen) of our retry key, checked; (1, now) when the event carries none."""
+    if RETRY_KEY not in body:
+        return 1, now
+    retry = body[RETRY_KEY]
+    if not isinstance(retry, dict):
+        raise MalformedRetryKeyError(f"{RETRY_KEY} is {type(retry).__name__}, not an object")
+    attempt = retry.get("attempt", 1)
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt <= _MAX_ATTEMPT:
+        raise MalformedRetryKeyError(f"{RETRY_KEY}.attempt {attempt!r} is not an integer in 1..{_MAX_ATTEMPT}")
+    seen = retry.get("firstSeen", now)
+    if isinstance(seen, bool) or not isinstance(seen, int | float) or not math.isfinite(seen) or seen <= 0:
+        raise MalformedRetryKeyError(f"{RETRY_KEY}.firstSeen {seen!r} is not a positive finite time")
+    if seen > now + _CLOCK_SKEW_SECONDS:
+        raise MalformedRetryKeyError(f"{RETRY_KEY}.firstSeen {seen!r} is in the future (now {now:.0f})")
+    return attempt, float(seen)
 
 
 @dataclass(frozen=True)
@@ -102,7 +140,7 @@ class TerminationRequest:
         missing = [k for k in ("AutoScalingGroupName", "LifecycleHookName") if not isinstance(detail.get(k), str)]
         if missing:
             raise MalformedRequestError(f"detail lacks {', '.join(missing)}")
-        retry: dict[str, Any] = body[RETRY_KEY] if isinstance(body.get(RETRY_KEY), dict) else {}
+        attempt, first_seen = _retry_key(body, now)
         return cls(
             instance_id=instance_id,
             kind="terminating",
@@ -110,8 +148,8 @@ class TerminationRequest:
             group=detail["AutoScalingGroupName"],
             hook=detail["LifecycleHookName"],
             token=detail.get("LifecycleActionToken") if isinstance(detail.get("LifecycleActionToken"), str) else None,
-            attempt=int(retry.get("attempt", 1)),
-            first_seen=float(retry.get("firstSeen", now)),
+            attempt=attempt,
+            first_seen=first_seen,
             event=body,
         )
 
@@ -135,6 +173,8 @@ class ClusterPorts(Protocol):
     def etcd_endpoints(self, exclude: Any = ()) -> list[str]: ...
     def private_ip(self, instance_id: str) -> str | None: ...
     def instance_states(self, instance_ids: Any) -> dict[str, str | None]: ...
+    def lifecycle_state(self, instance_id: str) -> tuple[str, str] | None: ...
+    def first_seen(self, instance_id: str, group: str, hook: str, now: float) -> float: ...
     def complete(self, group: str, hook: str, instance_id: str, token: str | None, result: str) -> bool: ...
     def heartbeat(self, group: str, hook: str, instance_id: str, token: str | None) -> bool: ...
     def enqueue(self, body: dict[str, Any], delay_seconds: int = 0) -> None: ...
@@ -164,6 +204,8 @@ class TerminationResult:
     role: str = "control-plane"
     # The membership writer lease: "released", "release-failed" (it expires by itself), "busy" (not taken).
     writer_lease: str | None = None
+    # What AWS reported when the request was verified (lambdas.common.verify): lifecycle or EC2 state.
+    aws_state: str | None = None
 
     def log_fields(self) -> dict[str, Any]:
         member = self.removal.member if self.removal else None
@@ -185,25 +227,44 @@ class TerminationResult:
             "pdb_blocked": list(drained.blocked) if drained else None,
             "drain_deadline_passed": self.drain.deadline_passed if self.drain else None,
             "writer_lease": self.writer_lease,
+            "aws_state": self.aws_state,
         }
 
 
-def handle_termination(  # noqa: PLR0911 (one return per outcome reads best here)
-    request: TerminationRequest, ports: ClusterPorts, now: float | None = None
-) -> TerminationResult:
+def handle_termination(request: TerminationRequest, ports: ClusterPorts, now: float | None = None) -> TerminationResult:
     now = time.time() if now is None else now
     settings = ports.settings
-    if request.group is not None and request.group in settings.worker_groups:
-        return _terminate_worker(request, ports, now)
-    if request.group is not None and request.group not in settings.control_plane_groups:
-        return TerminationResult(
-            "rejected", f"group {request.group!r} is not one of this cluster's control-plane or worker groups"
+    role = "worker" if request.group is not None and request.group in settings.worker_groups else "control-plane"
+    verdict = _verify(request, ports)
+    if not verdict.verified:
+        return TerminationResult("rejected", verdict.reason, role=role, aws_state=verdict.state)
+    if request.kind == "terminating" and request.group and request.hook:  # the deadline's start: never the message
+        request = dataclasses.replace(
+            request, first_seen=ports.first_seen(request.instance_id, request.group, request.hook, now)
         )
+    terminate = _terminate_worker if role == "worker" else _terminate_control_plane
+    result = terminate(request, ports, now)
+    return dataclasses.replace(result, aws_state=verdict.state)
+
+
+def _verify(request: TerminationRequest, ports: ClusterPorts) -> Verdict:
+    settings = ports.settings
     if request.kind == "stale-member":
-        state = ports.instance_states([request.instance_id]).get(request.instance_id)
-        if state is not None and state not in GONE_STATES:
-            return TerminationResult("ignored", f"instance {request.instance_id} is {state}: not removing on a guess")
-    tls = ports.etcd_tls()
+        if request.group is not None and request.group not in settings.control_plane_groups:
+            return Verdict(False, f"group {request.group!r} is not one of this cluster's control-plane groups")
+        return verify_gone(ports, instance_id=request.instance_id)
+    return verify_terminating(
+        ports,
+        instance_id=request.instance_id,
+        group=request.group,
+        hook=request.hook,
+        token=request.token,
+        cluster_groups=(*settings.control_plane_groups, *settings.worker_groups),
+    )
+
+
+def _terminate_control_plane(request: TerminationRequest, ports: ClusterPorts, now: float) -> TerminationResult:
+    tls = ports.etcd_tls()  # None only on a cluster never initialised; unreadable on an initialised one raises
     if tls is None:
         return _finish(request, ports, "CONTINUE", "the cluster was never initialised: no etcd member to remove")
     if request.kind != "terminating":  # the instance is gone already: nothing runs there to drain

@@ -3,8 +3,13 @@
 
 Batch size is 1 and the event source runs at most two invocations at once; one membership change at a time
 is kept by the writer lease (lambdas/common/writer_lease.py), not by reserved concurrency. A record that fails
-(bad input or an unexpected error) is reported in ``batchItemFailures`` so SQS redelivers it and, after
-maxReceiveCount, moves it to the dead-letter queue (alarmed).
+(a body we cannot parse, or an unexpected error such as an unreadable etcd client secret on an initialised
+cluster) is reported in ``batchItemFailures`` so SQS redelivers it and, after maxReceiveCount, moves it to the
+dead-letter queue (alarmed). A request that AWS does not confirm (the instance is not leaving, the group is not
+ours, the hook token is not live: lambdas/common/verify.py) or that carries a retry key we never wrote is
+rejected and consumed: one ERROR line names the instance, group, the state AWS reported and the reason, the
+RejectedRequests metric counts it, and redelivering it would only be rejected again. The other records of the
+batch go on either way (partial batch responses).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from lambdas.common.join_withdrawal import WithdrawalRequest, handle_withdrawal,
 from lambdas.common.observability import Logger, Metrics
 from lambdas.common.termination import (
     MalformedRequestError,
+    MalformedRetryKeyError,
     TerminationRequest,
     TerminationResult,
     handle_termination,
@@ -92,7 +98,7 @@ def handle(event: Any, context: Any) -> dict[str, Any]:
         except MalformedRequestError as err:
             LOGGER.error("rejected: malformed request", reason=str(err), message_id=message_id, body=str(body)[:2000])
             metrics.add("RejectedRequests", 1)
-            if message_id:
+            if message_id and not isinstance(err, MalformedRetryKeyError):
                 failures.append({"itemIdentifier": message_id})
             continue
         fields = {"instance_id": request.instance_id, "group": request.group, "origin": request.origin,
@@ -114,7 +120,5 @@ def handle(event: Any, context: Any) -> dict[str, Any]:
         metrics.add(_metric(result), 1)
         if result.drain is not None and result.drain.deadline_passed:
             metrics.add("DrainDeadlinePassed", 1)
-        if result.action == "rejected" and message_id:
-            failures.append({"itemIdentifier": message_id})
     metrics.flush({"ClusterName": aws.settings.cluster_name})
     return {"batchItemFailures": failures}
