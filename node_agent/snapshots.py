@@ -15,12 +15,11 @@ recovery", and Kubernetes' "Operating etcd clusters for Kubernetes: restoring an
 
 Only what is known good, of this cluster, is restored (:meth:`Snapshots.download_latest_good`):
 
-* an end-to-end checksum: the SHA-256 of the file as saved is recorded in the object's metadata (``sha256``);
-  the download asks S3 to validate its own checksum (``ChecksumMode=ENABLED``, S3 "Checking object integrity")
-  and the agent recomputes the file's SHA-256 against the recorded one itself, because S3's checksum of a
-  multipart upload is a checksum of part checksums and moto (the tests' S3) does not validate what it is sent.
-  No recorded checksum: refused. (``ChecksumAlgorithm="SHA256"`` on the upload is not set: the twin's S3 path
-  answered it 403; see issue 15's notes.)
+* an end-to-end checksum: the SHA-256 of the file as saved is recorded in the object's metadata (``sha256``) and
+  the upload asks S3 for its own SHA-256 (``ChecksumAlgorithm``, S3 "Checking object integrity"); the download
+  asks S3 to validate it (``ChecksumMode=ENABLED``) and the agent recomputes the file's SHA-256 against the
+  recorded one itself, because S3's checksum of a multipart upload is a checksum of part checksums and moto
+  (the tests' S3) does not validate what it is sent. No recorded checksum: refused.
 * the object's metadata names this cluster and a generation no newer than the cluster-state item's.
 * a trial ``etcdutl snapshot restore`` into a scratch directory: ``snapshot status`` reads a truncated or
   bit-flipped small database without complaint, the restore checks the SHA-256 ``etcdctl snapshot save``
@@ -219,6 +218,7 @@ class Snapshots:
                 ExtraArgs={
                     "ServerSideEncryption": "aws:kms",
                     "SSEKMSKeyId": self.cfg.kms_key_id,
+                    "ChecksumAlgorithm": "SHA256",  # S3's own checksum too, validated at download (ChecksumMode)
                     "Metadata": {
                         "sha256": file_sha256(path),
                         "taken-at": taken_at.astimezone(UTC).strftime(TS_FORMAT),
