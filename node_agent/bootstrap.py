@@ -696,7 +696,9 @@ class Agent:
         the metric survives the leader's loss); none at all is left to the BackupAge alarm's missing data."""
         newest = snapshots.list_all()
         if newest:
-            age = (datetime.now(UTC) - newest[-1].taken_at).total_seconds()
+            # The object's own upload time (S3 LastModified), not the date in its key: a key dated in the future must
+            # not report a fresh backup and silence the BackupAge alarm.
+            age = (datetime.now(UTC) - newest[-1].order_time).total_seconds()
             self._metric_value("LastSnapshotAgeSeconds", max(age, 0.0), unit="Seconds")
 
     def rotate_token_once(self) -> str:

@@ -309,3 +309,20 @@ def test_newest_is_the_objects_own_time_not_a_future_date_in_its_key(
     restorer = _uploader(aws, tmp_path, real_snapshot, NOW)
     assert [o.key for o in restorer.list_all()] == [future.key, newer.key]
     assert restorer.download_latest_good(tmp_path / "restore")[1].key == newer.key
+
+
+def test_the_backup_age_metric_ages_the_newest_snapshot_from_its_upload_not_its_key() -> None:
+    """A key dated in the future (a clock-skewed writer, or a forged object) must not report a fresh backup: the
+    BackupAge alarm reads LastSnapshotAgeSeconds, so the age comes from S3's LastModified (the object's own time)."""
+    from types import SimpleNamespace
+
+    from node_agent.bootstrap import Agent
+
+    uploaded = datetime.now(UTC) - timedelta(hours=3)
+    future_key = SnapshotObject("snapshots/c/000001/29990101T000000Z-5.db", 1, datetime(2999, 1, 1, tzinfo=UTC), 5,
+                                stored_at=uploaded)  # fmt: skip
+    emitted: list[tuple[str, float]] = []
+    agent = SimpleNamespace(_metric_value=lambda name, value, unit="Count": emitted.append((name, value)))
+    Agent._report_snapshot_age(agent, SimpleNamespace(list_all=lambda: [future_key]))  # type: ignore[arg-type]
+    ((name, age),) = emitted
+    assert name == "LastSnapshotAgeSeconds" and 3 * 3600 - 60 < age < 3 * 3600 + 60, age
