@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
+from lambdas.common.cluster_aws import SettingsError
+from lambdas.common.join_watch import JoinTimings
+from lambdas.common.join_withdrawal import WithdrawalRequest
 from lambdas.etcd_lifecycle import handler as lifecycle
 from lambdas.reconciler import handler as reconciler
-from tests.lambdas.conftest import Env, sqs_event
+from tests.lambdas.conftest import TABLE, Env, sqs_event
 
 pytestmark = pytest.mark.etcd
 
@@ -79,3 +82,61 @@ def test_the_reconciler_publishes_the_membership_metrics(handlers: Env, capsys: 
     assert metrics["ClusterName"] == "lambdatest" and metrics["RetainedInstances"] == 0
     assert metrics["TerminatingWaits"] == 0
     assert {m["Name"] for m in metrics["_aws"]["CloudWatchMetrics"][0]["Metrics"]} >= {"EtcdMembers", "QuorumMargin"}
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        pytest.param({"LEARNER_STALL_SECONDS": "300"}, "JOIN_TIMEOUT_SECONDS", id="join timeout missing"),
+        pytest.param(
+            {"JOIN_TIMEOUT_SECONDS": "900", "LEARNER_STALL_SECONDS": "-5"}, "LEARNER_STALL_SECONDS", id="negative stall"
+        ),
+        pytest.param(
+            {"JOIN_TIMEOUT_SECONDS": "900", "LEARNER_STALL_SECONDS": "900"},
+            "LEARNER_STALL_SECONDS",
+            id="stall not shorter than a join",
+        ),
+    ],
+)
+def test_join_timings_that_make_no_sense_are_refused_naming_the_setting(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        JoinTimings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("detail", "named"),
+    [
+        pytest.param(
+            {"MemberId": "deadbeef", "PeerUrl": "https://10.0.0.9:2380", "why": "stalled"},
+            "MemberId",
+            id="member ID not decimal",
+        ),
+        pytest.param(
+            {"MemberId": "42", "PeerUrl": "http://10.0.0.9:2380", "why": "stalled"}, "PeerUrl", id="peer URL not https"
+        ),
+        pytest.param(
+            {"MemberId": "42", "PeerUrl": "https://10.0.0.9:2380", "why": "because"}, "why", id="unknown reason"
+        ),
+    ],
+)
+def test_a_malformed_withdrawal_is_refused_naming_the_field_and_nothing_is_removed(
+    handlers: Env, detail: dict[str, str], named: str
+) -> None:
+    env = handlers
+    body = {"source": "dedicated-k8s.reconciler", "detail-type": "Control-plane Member Cleanup",
+            "detail": {"kind": "withdraw-join", **detail}}  # fmt: skip
+    with pytest.raises(ValueError, match=named):
+        WithdrawalRequest.parse(body)
+    assert lifecycle.handle(sqs_event(body), Ctx()) == {"batchItemFailures": [{"itemIdentifier": "m-0"}]}
+    assert len(env.etcd.member_names()) == 3
+
+
+def test_an_unreadable_join_record_is_an_error_never_a_first_sight(handlers: Env) -> None:
+    """The records measure how long a join has been abandoned: a corrupt item read as "nothing seen yet" would
+    restart every clock and keep an abandoned join forever, so the run fails (Lambda error metric, alarm)."""
+    env = handlers
+    env.dynamodb.put_item(TableName=TABLE, Item={"pk": {"S": "join-watch"}, "members": {"S": '{"1": {"member_'},
+                                                 "version": {"N": "3"}})  # fmt: skip
+    env.etcd.add_learner_node(start=False)
+    with pytest.raises(ValueError, match="join-watch"):
+        reconcile(env)
