@@ -111,6 +111,9 @@ class TerminationRequest:
     attempt: int = 1
     first_seen: float = 0.0
     event: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Set once this invocation's verification heartbeat succeeded (lambdas.common.verify): the hook's timeout
+    # was just restarted, so a wait in the same invocation need not heartbeat again.
+    heartbeat_recorded: bool = field(default=False, compare=False)
 
     @classmethod
     def parse(cls, body: Any, now: float) -> TerminationRequest:
@@ -240,7 +243,9 @@ def handle_termination(request: TerminationRequest, ports: ClusterPorts, now: fl
         return TerminationResult("rejected", verdict.reason, role=role, aws_state=verdict.state)
     if request.kind == "terminating" and request.group and request.hook:  # the deadline's start: never the message
         request = dataclasses.replace(
-            request, first_seen=ports.first_seen(request.instance_id, request.group, request.hook, now)
+            request,
+            first_seen=ports.first_seen(request.instance_id, request.group, request.hook, now),
+            heartbeat_recorded=True,
         )
     terminate = _terminate_worker if role == "worker" else _terminate_control_plane
     result = terminate(request, ports, now)
@@ -390,7 +395,10 @@ def _not_now(
         waited = int(now - request.first_seen)
         return _finish(request, ports, "ABANDON", f"still unsafe after {waited}s (deadline): {reason}", removal,
                        drain=drain, role=role)  # fmt: skip
-    if not ports.heartbeat(request.group, request.hook, request.instance_id, request.token):
+    live = request.heartbeat_recorded or ports.heartbeat(
+        request.group, request.hook, request.instance_id, request.token
+    )
+    if not live:
         return TerminationResult(
             "hook-gone", f"the hook is no longer waiting; stopping retries ({reason})", removal, drain=drain, role=role
         )

@@ -173,6 +173,7 @@ def test_worker_is_cordoned_drained_and_deleted_before_the_hook_continues(drain_
     assert d.run(d.env.begin_termination(worker)) == {"batchItemFailures": []}
 
     assert d.journal == [
+        ("heartbeat", worker),  # the lifecycle Lambda's check that the hook is live (lambdas/common/verify.py)
         ("cordon", node),
         ("evict", "shop/web-7d9f-abcde"),
         ("evict", "default/debug-shell"),
@@ -196,7 +197,7 @@ def test_eviction_blocked_by_a_pdb_heartbeats_and_retries_then_continues(drain_e
 
     d.run(d.env.begin_termination(worker))
     assert ("eviction-refused", "shop/db-0") in d.journal and ("evict", "shop/web-1") in d.journal
-    assert d.journal[-1] == ("heartbeat", worker), "the hook is kept alive while the PDB blocks"
+    assert d.journal[0] == ("heartbeat", worker), "the hook is kept alive while the PDB blocks (verified first)"
     assert node in d.kube.nodes and "shop/db-0" in d.kube.pod_names(node)
     assert d.env.hooks.results(worker) == []
 
@@ -275,7 +276,7 @@ def test_control_plane_removal_waits_while_a_pdb_blocks_the_drain(drain_env: Dra
 
     d.run(d.env.begin_termination(leaving))
     assert d.etcd_calls() == [] and len(d.env.etcd.member_names()) == 3
-    assert d.journal[-1] == ("heartbeat", leaving) and d.env.hooks.results(leaving) == []
+    assert d.journal[0] == ("heartbeat", leaving) and d.env.hooks.results(leaving) == []
 
     d.kube.allow("kube-system", "coredns-5d78-fghij")
     d.deliver_retries(until=lambda: d.env.hooks.results(leaving) == ["CONTINUE"])
