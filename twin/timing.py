@@ -30,7 +30,11 @@ from typing import Any
 from node_agent.config import AgentSettings
 from twin.template import LambdaSpec, TemplateCloud, TemplateError, schedule_seconds
 
-DEFAULT_TIME_SCALE = 0.05  # 1 production minute = 3 twin seconds: make demo's canary stays about a minute
+# 1 production minute = 6 twin seconds. The twin's own work (process starts, openssl, moto behind one proxy) is not
+# scaled: at 0.05 a 60 s bootstrap lease is 3 s and a 600 s health wait 30 s, and a CI run on two busy cores once
+# failed a bootstrap (cause not captured: those are the tightest); at 0.1 they are 6 s and 60 s, and make demo's
+# canary still takes about a minute.
+DEFAULT_TIME_SCALE = 0.1
 SYSTEMD = Path(__file__).resolve().parent.parent / "imagebuilder" / "systemd"
 _SPAN = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "d": 86400}
 

@@ -53,8 +53,10 @@ def test_checkov_fails_nothing(synthesis: Synthesis) -> None:
     assert failed == []
     assert passed > 100
     # every skip carries its reason in the resource's metadata; 9 of them are CKV_AWS_115 (no reserved
-    # concurrency, stages/etcd_lifecycle.py) on the three Lambdas of each of the three cluster stacks
-    assert skipped < 50
+    # concurrency, stages/etcd_lifecycle.py) on the three Lambdas of each of the three cluster stacks. A budget, so
+    # that a new skip is a deliberate change: 50 on 2026-12-02 (the cluster-ops function's own role added one per
+    # cluster stack).
+    assert skipped <= 50
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ def test_all_control_planes_lost_restores_the_latest_snapshot_with_every_write_b
     obs = real_twin.observer()
     assert obs is not None
     obs.put(real_twin.etcd_endpoints(), "before/first", "1")
-    real_twin.wait_for("a snapshot in S3", lambda: bool(chaos._snapshots()), 40)
+    # The snapshot timer runs every snapshotIntervalMinutes (scaled): two periods and a margin.
+    real_twin.wait_for("a snapshot in S3", lambda: bool(chaos._snapshots()), 2 * real_twin.timers["snapshot"] + 10)
     result = chaos.run(3)
     assert result.violations == []
     assert result.replacements[0].ok and result.replacements[0].min_healthy_voters == 0, "quorum was really lost"
