@@ -2,7 +2,7 @@
 
 Every boto3 client of the twin, of the node agents (other processes) and of the Lambda handlers points at
 the proxy (``endpoint_url`` / ``AWS_ENDPOINT_URL``, dummy credentials). The proxy forwards each request to
-moto unchanged, except for the three Auto Scaling calls whose behaviour moto 5.2.5 lacks (docs: facts.md):
+moto unchanged, except for the three Auto Scaling calls whose behaviour moto 5.2.5 lacks (docs/facts.md):
 
 * ``CompleteLifecycleAction`` and ``RecordLifecycleActionHeartbeat`` (moto raises NotImplementedError),
 * ``TerminateInstanceInAutoScalingGroup`` (moto terminates at once, with no Terminating:Wait),

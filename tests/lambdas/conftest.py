@@ -5,7 +5,7 @@ Lambda code and boto3 against moto (EC2 instances carrying the members' private 
 tags, Auto Scaling groups, Secrets Manager holding the etcd client certificate, the SQS lifecycle queue, the
 cluster-state DynamoDB table that holds the membership writer lease).
 
-What the harness drives (moto lacks it, docs in shared/design/facts.md): Auto Scaling lifecycle actions.
+What the harness drives (moto lacks it: docs/facts.md): Auto Scaling lifecycle actions.
 moto raises NotImplementedError for CompleteLifecycleAction and RecordLifecycleActionHeartbeat, so
 :class:`HookRecorder` answers those two calls the way Auto Scaling does (a completed or unknown action, or
 a token that is not the action's, gives "No active Lifecycle Action found") and records them for the
